@@ -1,0 +1,40 @@
+"""The exception hierarchy of the SDK.
+
+Every error the SDK raises on purpose derives from :class:`GuardrailError`, so a
+caller can catch one type. Messages name the problem, the offending value and
+the fix.
+"""
+
+from __future__ import annotations
+
+
+class GuardrailError(Exception):
+    """Base class of every error raised by ``guardrail``."""
+
+
+class InputError(GuardrailError, ValueError):
+    """A request, message, image, video or data file is malformed or unsupported."""
+
+
+class PolicyError(GuardrailError):
+    """Base class of policy bundle problems."""
+
+
+class PolicyIntegrityError(PolicyError):
+    """A bundle is corrupt, tampered with, incomplete or holds invalid values."""
+
+
+class PolicyCompatibilityError(PolicyError):
+    """A bundle was calibrated for a different model than the one it is attached to."""
+
+
+class PolicySignatureError(PolicyIntegrityError):
+    """A bundle is unsigned or its signature does not verify against the trust store."""
+
+
+class UnsupportedModelError(GuardrailError, TypeError):
+    """No architecture adapter knows how to handle a model."""
+
+
+class SteeringError(GuardrailError, RuntimeError):
+    """The steering hook could not be applied to a forward pass as planned."""

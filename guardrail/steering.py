@@ -1,0 +1,269 @@
+"""The MARS steering rule and the hook that applies it.
+
+The module has two halves:
+
+* pure tensor functions (:func:`recenter`, :func:`refusal_score`,
+  :func:`steering_strength`, :func:`mars_step`) that implement the rule of the
+  method exactly and are unit- and property-tested on their own;
+* the hook plumbing (:class:`LayerPlan`, :func:`steering_hooks`): a removable
+  forward pre-hook on the language model's decoder layer ``l*`` that acts once, in
+  the prefill pass, at each row's last prompt position ``t*``, and returns at once
+  in every decode step.
+
+Notation follows ``docs``: ``h`` is the residual stream entering layer ``l*`` at
+``t*``; ``u`` the unit refusal direction; ``p_S`` the projection of the harmless
+centroid on ``u``; ``g`` the cluster gap; ``delta`` the modality offset of the row.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from guardrail.errors import SteeringError
+
+RecenterMode = Literal["full", "projection", "none"]
+RECENTER_MODES: tuple[str, ...] = ("full", "projection", "none")
+
+
+# --------------------------------------------------------------------------- math
+
+
+def recenter(h: Tensor, delta: Tensor, u: Tensor, mode: str) -> Tensor:
+    """Remove the modality offset ``delta`` from ``h``.
+
+    ``full`` subtracts ``delta``; ``projection`` subtracts only its component along
+    ``u`` (keeping visual content); ``none`` returns ``h``. ``h`` and ``delta`` are
+    ``[..., d]``; ``u`` is ``[..., d]`` of unit norm.
+    """
+    if mode == "full":
+        return h - delta
+    if mode == "projection":
+        return h - (delta * u).sum(-1, keepdim=True) * u
+    if mode == "none":
+        return h
+    raise ValueError(f"recenter mode {mode!r} is not one of {RECENTER_MODES}")
+
+
+def refusal_score(h_c: Tensor, u: Tensor, p_S: Tensor, g: Tensor) -> Tensor:
+    """``s = (<h_c, u> - p_S) / g``: 0 at the harmless centroid, 1 at the harmful one."""
+    return ((h_c * u).sum(-1) - p_S) / g
+
+
+def steering_strength(
+    s: Tensor,
+    g: Tensor,
+    *,
+    tau: Tensor | float,
+    lam: Tensor | float,
+    kappa: Tensor | float,
+    eta: Tensor | float | None = None,
+    h_norm: Tensor | None = None,
+) -> Tensor:
+    """``a = min(rho, lam * g * relu(s - tau))`` with the trust region ``rho = kappa * g``.
+
+    When ``eta`` is given (and finite), ``a`` is further bounded by ``eta * |h|``.
+    """
+    a = torch.minimum(kappa * g, lam * g * torch.relu(s - tau))
+    if eta is not None:
+        if h_norm is None:
+            raise ValueError("eta bound requested without h_norm")
+        bound = eta * h_norm
+        a = torch.where(torch.isfinite(bound), torch.minimum(a, bound), a)
+    return a
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What :func:`mars_step` computed for each row."""
+
+    h: Tensor
+    score: Tensor
+    strength: Tensor
+
+
+def mars_step(
+    h: Tensor,
+    *,
+    u: Tensor,
+    p_S: Tensor,
+    g: Tensor,
+    delta: Tensor,
+    tau: Tensor | float,
+    lam: Tensor | float,
+    kappa: Tensor | float,
+    eta: Tensor | float | None = None,
+    recenter_mode: str = "full",
+    apply_recentering_to_activation: bool = False,
+) -> StepResult:
+    """One MARS step on activations ``h`` of shape ``[..., d]``.
+
+    All arithmetic runs in float32 (or float64 if ``h`` is float64) and the result
+    is cast back to ``h``'s dtype. Rows whose strength is zero are returned
+    bit-identical to the input unless re-centring is applied to the activation.
+    """
+    work = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hw = h.to(work)
+    uw = u.to(work)
+    h_c = recenter(hw, delta.to(work), uw, recenter_mode)
+    s = refusal_score(h_c, uw, _t(p_S, work, h), _t(g, work, h))
+    a = steering_strength(
+        s,
+        _t(g, work, h),
+        tau=_t(tau, work, h),
+        lam=_t(lam, work, h),
+        kappa=_t(kappa, work, h),
+        eta=None if eta is None else _t(eta, work, h),
+        h_norm=hw.norm(dim=-1),
+    )
+    base = h_c if apply_recentering_to_activation else hw
+    new = (base + a.unsqueeze(-1) * uw).to(h.dtype)
+    if not apply_recentering_to_activation:
+        new = torch.where((a > 0).unsqueeze(-1), new, h)
+    return StepResult(h=new, score=s, strength=a)
+
+
+def _t(x: Tensor | float, dtype: torch.dtype, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device=like.device, dtype=dtype)
+    return torch.tensor(x, dtype=dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+@dataclass
+class LayerPlan:
+    """The steering work planned for one decoder layer in one request.
+
+    ``rows`` are the batch rows this plan steers (all rows for a single policy;
+    a subset when a batch mixes policies); every per-row tensor is indexed like
+    ``rows``. ``positions`` are the ``t*`` of those rows in the prefill sequence.
+    After the prefill pass ``score`` and ``strength`` hold the per-row results
+    (on the model's device; reading them is the caller's one host sync).
+    """
+
+    layer: int
+    rows: Tensor
+    positions: Tensor
+    expected_length: int
+    u: Tensor
+    p_S: Tensor
+    g: Tensor
+    delta: Tensor
+    tau: Tensor
+    lam: Tensor
+    kappa: Tensor
+    eta: Tensor
+    recenter_mode: str = "full"
+    apply_recentering_to_activation: bool = False
+    apply: bool = True
+    fired: bool = False
+    score: Tensor | None = None
+    strength: Tensor | None = None
+    captured: Tensor | None = field(default=None, repr=False)
+    capture: bool = False
+
+    def run(self, hidden: Tensor) -> Tensor | None:
+        """Apply the plan to the prefill hidden states ``[B, T, d]``.
+
+        Returns the new hidden states, or ``None`` when nothing is written
+        (shadow mode).
+        """
+        if hidden.dim() != 3 or hidden.shape[1] != self.expected_length:
+            raise SteeringError(
+                f"layer {self.layer}: the first forward pass had hidden states of shape "
+                f"{tuple(hidden.shape)}, expected [batch, {self.expected_length}, d] for the "
+                "prefill of the prompt; generation that does not prefill the whole prompt "
+                "at once (chunked prefill, assisted decoding) is not supported"
+            )
+        rows = self.rows.to(hidden.device)
+        pos = self.positions.to(hidden.device)
+        h = hidden[rows, pos]
+        step = mars_step(
+            h,
+            u=self.u,
+            p_S=self.p_S,
+            g=self.g,
+            delta=self.delta,
+            tau=self.tau,
+            lam=self.lam,
+            kappa=self.kappa,
+            eta=self.eta,
+            recenter_mode=self.recenter_mode,
+            apply_recentering_to_activation=self.apply_recentering_to_activation,
+        )
+        self.score, self.strength = step.score, step.strength
+        if self.capture:
+            self.captured = h.detach().clone()
+        if not self.apply:
+            self.strength = torch.zeros_like(step.strength)
+            return None
+        out = hidden.clone()
+        out[rows, pos] = step.h
+        return out
+
+
+# The plans of the request running in the current thread / asyncio context. A hook
+# only acts for the request that registered it, so concurrent requests on one
+# model never see each other's steering.
+_ACTIVE: contextvars.ContextVar[tuple[LayerPlan, ...] | None] = contextvars.ContextVar(
+    "guardrail_active_plans", default=None
+)
+
+
+def _make_hook(plan: LayerPlan, active: tuple[LayerPlan, ...]) -> Any:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if plan.fired or _ACTIVE.get() is not active:
+            return None
+        plan.fired = True
+        if args:
+            new = plan.run(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        if "hidden_states" not in kwargs:
+            raise SteeringError(
+                f"layer {plan.layer}: decoder layer was called without hidden states "
+                "as first argument or 'hidden_states' keyword"
+            )
+        new = plan.run(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
+@contextmanager
+def steering_hooks(
+    layers: Sequence[torch.nn.Module], plans: Sequence[LayerPlan]
+) -> Iterator[tuple[LayerPlan, ...]]:
+    """Register one pre-hook per plan on ``layers[plan.layer]`` for the duration.
+
+    Each hook fires once, on the first forward pass after entry (the prefill), and
+    returns immediately afterwards. Hooks are removed on every exit path.
+    """
+    active = tuple(plans)
+    handles = []
+    token = _ACTIVE.set(active)
+    try:
+        for plan in active:
+            handles.append(
+                layers[plan.layer].register_forward_pre_hook(
+                    _make_hook(plan, active), with_kwargs=True
+                )
+            )
+        yield active
+    finally:
+        for handle in handles:
+            handle.remove()
+        _ACTIVE.reset(token)
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of the last attended position of each row (``t*``), padding-aware."""
+    mask = attention_mask.to(torch.long)
+    return mask.shape[1] - 1 - torch.flip(mask, dims=[1]).argmax(dim=1)

@@ -1,0 +1,127 @@
+"""Policy bundles: round trip, integrity, compatibility and atomic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import guardrail.policy as policy_mod
+from guardrail.errors import PolicyCompatibilityError, PolicyIntegrityError
+from guardrail.policy import MANIFEST, TENSORS, PolicyBundle, _sha256
+
+from .conftest import random_policy, tiny
+
+
+@pytest.fixture()
+def bundle(tiny_llama):
+    model, tok = tiny_llama
+    return random_policy(model, tok, modalities=("image",), tau=0.4, lam=2.0, kappa=1.5)
+
+
+def test_round_trip(tmp_path, bundle, tiny_llama):
+    path = bundle.save_pretrained(tmp_path / "p")
+    loaded = PolicyBundle.from_pretrained(path, model=tiny_llama[0], processor=tiny_llama[1])
+    assert loaded.manifest.model_dump(exclude={"digest", "files"}) == bundle.manifest.model_dump(
+        exclude={"digest", "files"}
+    )
+    for key, value in bundle.tensors.items():
+        assert torch.equal(loaded.tensors[key], value)
+    assert loaded.parameters.tau == 0.4 and loaded.layer == 2
+    assert float(loaded.u.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert loaded.p_S == pytest.approx(float(loaded.tensors["mu_S"] @ loaded.u), rel=1e-4)
+
+
+def test_tampered_tensors_rejected(tmp_path, bundle):
+    path = bundle.save_pretrained(tmp_path / "p")
+    tensors = load_file(path / TENSORS)
+    tensors["u"] = -tensors["u"]
+    save_file(tensors, path / TENSORS)
+    with pytest.raises(PolicyIntegrityError, match="content hash .* does not match"):
+        PolicyBundle.from_pretrained(path)
+
+
+def test_tampered_manifest_rejected(tmp_path, bundle):
+    path = bundle.save_pretrained(tmp_path / "p")
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["parameters"]["tau"] = 99.0
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(PolicyIntegrityError, match="edited after it was written"):
+        PolicyBundle.from_pretrained(path)
+
+
+def test_invalid_manifest_names_field(tmp_path, bundle):
+    path = bundle.save_pretrained(tmp_path / "p")
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["version"] = "one"
+    (path / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(PolicyIntegrityError, match="version: .*semantic version"):
+        PolicyBundle.from_pretrained(path)
+
+
+def test_nan_values_rejected_even_with_matching_hash(tmp_path, bundle):
+    path = bundle.save_pretrained(tmp_path / "p")
+    tensors = load_file(path / TENSORS)
+    tensors["mu_H"][3] = float("nan")
+    save_file(tensors, path / TENSORS)
+    raw = json.loads((path / MANIFEST).read_text())
+    raw["files"][TENSORS] = _sha256((path / TENSORS).read_bytes())
+    manifest = policy_mod.Manifest.model_validate(raw).sealed()
+    (path / MANIFEST).write_bytes(manifest.canonical_bytes())
+    with pytest.raises(PolicyIntegrityError, match="mu_H holds NaN"):
+        PolicyBundle.from_pretrained(path)
+
+
+def test_missing_file_and_not_a_directory(tmp_path, bundle):
+    with pytest.raises(PolicyIntegrityError, match="not a directory"):
+        PolicyBundle.from_pretrained(tmp_path / "nothing")
+    path = bundle.save_pretrained(tmp_path / "p")
+    (path / TENSORS).unlink()
+    with pytest.raises(PolicyIntegrityError, match="missing from the bundle"):
+        PolicyBundle.from_pretrained(path)
+
+
+def test_wrong_model_rejected(tmp_path, bundle):
+    path = bundle.save_pretrained(tmp_path / "p")
+    other_weights = tiny("llama", seed=1)
+    with pytest.raises(PolicyCompatibilityError, match="weights differ"):
+        PolicyBundle.from_pretrained(path, model=other_weights[0], processor=other_weights[1])
+    other_arch = tiny("llava")
+    with pytest.raises(PolicyCompatibilityError, match="calibrated for LlamaForCausalLM"):
+        PolicyBundle.from_pretrained(path, model=other_arch[0], processor=other_arch[1])
+
+
+def test_interrupted_save_keeps_old_bundle(tmp_path, bundle, monkeypatch):
+    path = bundle.save_pretrained(tmp_path / "p")
+    newer = bundle.with_version("2.0.0").with_parameters(tau=0.9)
+    real = policy_mod._write_synced
+
+    def crash(target, data):
+        if target.name == MANIFEST:
+            raise KeyboardInterrupt("power cut")
+        real(target, data)
+
+    monkeypatch.setattr(policy_mod, "_write_synced", crash)
+    with pytest.raises(KeyboardInterrupt):
+        newer.save_pretrained(path)
+    monkeypatch.undo()
+    survivor = PolicyBundle.from_pretrained(path)
+    assert survivor.version == "1.0.0" and survivor.parameters.tau == 0.4
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]  # no temporary debris
+    newer.save_pretrained(path)
+    assert PolicyBundle.from_pretrained(path).version == "2.0.0"
+
+
+def test_from_statistics_rejects_identical_means(tiny_llama):
+    with pytest.raises(PolicyIntegrityError, match="coincide"):
+        random_policy(*tiny_llama).from_statistics(
+            name="x", version="1.0.0", layer=1, mu_H=torch.ones(64), mu_S=torch.ones(64),
+            model=random_policy(*tiny_llama).manifest.model,
+        )
+
+
+def test_bad_name_and_parameters_rejected(tiny_llama):
+    with pytest.raises(Exception, match="valid policy name"):
+        random_policy(*tiny_llama, name="Bad Name")
+    with pytest.raises(Exception, match="finite"):
+        random_policy(*tiny_llama).with_parameters(tau=float("nan"))
