@@ -95,6 +95,7 @@ register_adapter(
         model_types=("gemma3",),
         layers_path=("model.language_model.layers", "language_model.model.layers"),
         modalities=_IMAGE,
+        nested_images=True,
     )
 )
 register_adapter(

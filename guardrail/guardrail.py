@@ -105,7 +105,7 @@ class Guardrail:
         self.limits = limits or InputLimits()
         self.max_new_tokens = max_new_tokens
         self.refusal_message = refusal_message
-        self._device_cache: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._device_cache: dict[tuple[int, str], Any] = {}
         self._lock = threading.Lock()
         self.policy: PolicyBundle | None = self.load_policy(policy) if policy is not None else None
 
@@ -321,18 +321,6 @@ class Guardrail:
             out["stopping_criteria"] = criteria
         return out
 
-    def _policy_tensors(self, policy: PolicyBundle, device: torch.device) -> dict[str, torch.Tensor]:
-        key = (id(policy), str(device))
-        cached = self._device_cache.get(key)
-        if cached is None or cached["_owner"] is not policy.tensors["u"]:
-            cached = {k: v.to(device) for k, v in policy.tensors.items()}
-            cached["_owner"] = policy.tensors["u"]
-            with self._lock:
-                if len(self._device_cache) > 64:
-                    self._device_cache.clear()
-                self._device_cache[key] = cached
-        return cached
-
     def _plans(
         self,
         policies: Sequence[PolicyBundle],
@@ -341,57 +329,7 @@ class Guardrail:
         *,
         apply: bool,
     ) -> list[LayerPlan]:
-        """One :class:`LayerPlan` per distinct policy among the rows."""
-        device = attention_mask.device
-        positions = last_positions(attention_mask)
-        length = int(attention_mask.shape[1])
-        groups: dict[int, list[int]] = {}
-        for row, policy in enumerate(policies):
-            groups.setdefault(id(policy), []).append(row)
-        plans = []
-        for rows in groups.values():
-            policy = policies[rows[0]]
-            params = policy.parameters
-            t = self._policy_tensors(policy, device)
-            deltas = []
-            for row in rows:
-                delta = torch.zeros_like(t["u"])
-                if params.recenter != "none":
-                    for modality in sorted(convs[row].modalities):
-                        d = t.get(f"delta_{modality}")
-                        if d is None:
-                            raise SteeringError(
-                                f"policy {policy.ref} has no re-centring offset for {modality} input; "
-                                f"recalibrate with {modality} enabled or set recenter='none'"
-                            )
-                        delta = delta + d
-                deltas.append(delta)
-            n = len(rows)
-
-            def scalar(value: float | None, n: int = n) -> torch.Tensor:
-                v = float("inf") if value is None else float(value)
-                return torch.full((n,), v, device=device)
-
-            plans.append(
-                LayerPlan(
-                    layer=policy.layer,
-                    rows=torch.tensor(rows, device=device),
-                    positions=positions[rows],
-                    expected_length=length,
-                    u=t["u"].expand(n, -1),
-                    p_S=t["p_S"].expand(n),
-                    g=t["g"].expand(n),
-                    delta=torch.stack(deltas),
-                    tau=scalar(params.tau),
-                    lam=scalar(params.lam),
-                    kappa=scalar(params.kappa),
-                    eta=scalar(params.eta),
-                    recenter_mode=params.recenter,
-                    apply_recentering_to_activation=params.apply_recentering_to_activation,
-                    apply=apply,
-                )
-            )
-        return plans
+        return build_plans(policies, convs, attention_mask, apply=apply, cache=self._device_cache)
 
     def _results(
         self,
@@ -461,6 +399,87 @@ class Guardrail:
             latency_s=time.perf_counter() - started,
             error=reason,
         )
+
+
+def _policy_tensors(
+    policy: PolicyBundle, device: torch.device, cache: dict[tuple[int, str], Any] | None
+) -> dict[str, torch.Tensor]:
+    """The bundle's tensors on ``device``, cached per (bundle, device)."""
+    if cache is None:
+        return {k: v.to(device) for k, v in policy.tensors.items()}
+    key = (id(policy), str(device))
+    entry = cache.get(key)
+    if entry is None or entry[0] is not policy:
+        if len(cache) > 64:
+            cache.clear()
+        entry = (policy, {k: v.to(device) for k, v in policy.tensors.items()})
+        cache[key] = entry
+    return entry[1]
+
+
+def build_plans(
+    policies: Sequence[PolicyBundle],
+    convs: Sequence[Conversation],
+    attention_mask: torch.Tensor,
+    *,
+    apply: bool,
+    cache: dict[tuple[int, str], Any] | None = None,
+) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per distinct policy among the rows of a batch.
+
+    ``policies[i]`` is the bundle of row ``i``; rows sharing a bundle share a plan.
+    Each row's re-centring offset is the sum of the bundle's offsets for the
+    modalities present in that row.
+    """
+    device = attention_mask.device
+    positions = last_positions(attention_mask)
+    length = int(attention_mask.shape[1])
+    groups: dict[int, list[int]] = {}
+    for row, policy in enumerate(policies):
+        groups.setdefault(id(policy), []).append(row)
+    plans = []
+    for rows in groups.values():
+        policy = policies[rows[0]]
+        params = policy.parameters
+        t = _policy_tensors(policy, device, cache)
+        deltas = []
+        for row in rows:
+            delta = torch.zeros_like(t["u"])
+            if params.recenter != "none":
+                for modality in sorted(convs[row].modalities):
+                    offset = t.get(f"delta_{modality}")
+                    if offset is None:
+                        raise SteeringError(
+                            f"policy {policy.ref} has no re-centring offset for {modality} input; "
+                            f"recalibrate with {modality} enabled or set recenter='none'"
+                        )
+                    delta = delta + offset
+            deltas.append(delta)
+        n = len(rows)
+
+        def per_row(value: float | None, n: int = n) -> torch.Tensor:
+            return torch.full((n,), float("inf") if value is None else float(value), device=device)
+
+        plans.append(
+            LayerPlan(
+                layer=policy.layer,
+                rows=torch.tensor(rows, device=device),
+                positions=positions[rows],
+                expected_length=length,
+                u=t["u"].expand(n, -1),
+                p_S=t["p_S"].expand(n),
+                g=t["g"].expand(n),
+                delta=torch.stack(deltas),
+                tau=per_row(params.tau),
+                lam=per_row(params.lam),
+                kappa=per_row(params.kappa),
+                eta=per_row(params.eta),
+                recenter_mode=params.recenter,
+                apply_recentering_to_activation=params.apply_recentering_to_activation,
+                apply=apply,
+            )
+        )
+    return plans
 
 
 def _check_mode(mode: str) -> Mode:
