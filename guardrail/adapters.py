@@ -106,11 +106,14 @@ register_adapter(
         nested_images=True,
     )
 )
+# SmolVLM's processor returns video frames under the same key as images
+# (``pixel_values``), so a batch mixing image and video rows cannot be built;
+# it is supported for images.
 register_adapter(
     AdapterSpec(
         model_types=("smolvlm",),
         layers_path=("model.text_model.layers",),
-        modalities=_IMAGE_VIDEO,
+        modalities=_IMAGE,
         nested_images=True,
     )
 )
