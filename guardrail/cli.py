@@ -1,0 +1,276 @@
+"""The ``guardrail`` command line.
+
+Exit codes: 0 success; 1 a guardrail error (bad input, model, generation);
+2 usage error; 3 a policy bundle failed verification (integrity or signature);
+4 a policy bundle does not fit the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from guardrail.errors import GuardrailError, PolicyCompatibilityError, PolicyIntegrityError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTEGRITY, EXIT_COMPATIBILITY = 0, 1, 2, 3, 4
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from guardrail.loading import load_model
+
+    return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from guardrail.calibrate import CalibrationTargets, calibrate
+    from guardrail.neutral import NeutralMedia
+
+    model, processor = _load(args)
+    targets = CalibrationTargets(
+        benign_trigger_rate=args.trigger_rate,
+        kl_bound=args.kl_bound,
+        max_validation=args.max_validation,
+        recenter=args.recenter,
+    )
+    media = NeutralMedia(seed=args.seed, image_size=(args.image_size, args.image_size))
+    bundle = calibrate(
+        model,
+        processor,
+        args.harmful,
+        args.harmless,
+        modalities=args.modalities.split(",") if args.modalities else None,
+        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+        targets=targets,
+        name=args.name,
+        version=args.version,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        media=media,
+        progress=not args.quiet,
+    )
+    path = bundle.save_pretrained(args.out)
+    if args.report:
+        from guardrail.report import write_report
+
+        write_report(bundle, args.report)
+    summary = {
+        "policy": bundle.ref,
+        "path": str(path),
+        "layer": bundle.layer,
+        "parameters": bundle.parameters.model_dump(),
+        "report": args.report,
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"wrote {bundle!r} to {path}")
+        if args.report:
+            print(f"report: {args.report}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from guardrail.guardrail import Guardrail
+
+    model, processor = _load(args)
+    guard = Guardrail(model, processor, args.policy, mode=args.mode)
+    content: list[dict[str, Any]] = [{"type": "image", "image": path} for path in args.image]
+    content += [{"type": "video", "video": path} for path in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    result = guard.generate([{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens)
+    if args.json:
+        _print_json(result.model_dump(exclude={"token_ids"}))
+    else:
+        print(result.text)
+        score = "n/a" if result.score is None else f"{result.score:.3f}"
+        print(
+            f"\n[policy {result.policy_name}@{result.policy_version} mode={result.mode} "
+            f"score={score} intervened={result.intervened} refused={result.refused}]",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+def _summary(bundle: Any) -> dict[str, Any]:
+    m = bundle.manifest
+    return {
+        "name": m.name,
+        "version": m.version,
+        "description": m.description,
+        "created": m.created,
+        "model": m.model.model_dump(exclude={"weight_probe"}),
+        "layer": m.layer,
+        "parameters": m.parameters.model_dump(),
+        "modalities": m.modalities,
+        "gap": bundle.g,
+        "files": m.files,
+        "calibration": {
+            k: m.calibration.get(k)
+            for k in ("project_version", "seed", "chosen", "candidate_layers", "datasets")
+            if k in m.calibration
+        },
+    }
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from guardrail.policy import PolicyBundle
+
+    bundle = PolicyBundle.from_pretrained(args.dir)
+    if args.report:
+        from guardrail.report import write_report
+
+        write_report(bundle, args.report)
+    data = _summary(bundle)
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key:12s} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+    return EXIT_OK
+
+
+def cmd_policy_verify(args: argparse.Namespace) -> int:
+    from guardrail.adapters import ModelAdapter
+    from guardrail.policy import PolicyBundle
+
+    adapter = ModelAdapter(*_load(args)) if args.model else None
+    bundle = PolicyBundle.from_pretrained(args.dir, adapter=adapter)
+    checks = ["schema", "manifest digest", "tensor hashes", "finite values"]
+    if adapter is not None:
+        checks.append(f"fits {type(adapter.model).__name__}")
+    if args.json:
+        _print_json({"ok": True, "policy": bundle.ref, "checks": checks})
+    else:
+        print(f"OK {bundle.ref}: " + ", ".join(checks))
+    return EXIT_OK
+
+
+def cmd_policy_diff(args: argparse.Namespace) -> int:
+    from guardrail.policy import PolicyBundle
+
+    a, b = PolicyBundle.from_pretrained(args.a), PolicyBundle.from_pretrained(args.b)
+    sa, sb = _summary(a), _summary(b)
+    changes: dict[str, Any] = {}
+    for key in ("name", "version", "layer", "parameters", "modalities", "model"):
+        if sa[key] != sb[key]:
+            changes[key] = {"from": sa[key], "to": sb[key]}
+    if a.manifest.model.hidden_size == b.manifest.model.hidden_size:
+        changes["direction_cosine"] = float(a.u @ b.u)
+    changes["gap"] = {"from": a.g, "to": b.g}
+    if args.json:
+        _print_json(changes)
+    else:
+        print(f"{a.ref} -> {b.ref}")
+        for key, value in changes.items():
+            print(f"  {key}: {json.dumps(value, default=str)}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardrail", description="MARS refusal steering for local multimodal LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint directory, or 'organism' / 'smollm2'")
+        p.add_argument("--device", default=None, help="torch device (default: CPU)")
+        p.add_argument("--dtype", default=None, help="torch dtype name, e.g. bfloat16")
+
+    p = sub.add_parser("calibrate", help="calibrate a policy bundle from text-only prompt sets")
+    model_args(p)
+    p.add_argument("--harmful", required=True, help="harmful prompts: 'harmful' (shipped) or a JSONL/CSV/TXT file")
+    p.add_argument("--harmless", required=True, help="harmless prompts: 'harmless' (shipped) or a file")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--name", default="policy")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--report", help="write the HTML calibration report here")
+    p.add_argument("--modalities", help="comma-separated, default: all the model supports")
+    p.add_argument("--layers", help="comma-separated candidate layers (default: 20-80 %% of depth)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-validation", type=int, default=64)
+    p.add_argument("--trigger-rate", type=float, default=0.02, help="target benign gate trigger rate")
+    p.add_argument("--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)")
+    p.add_argument("--recenter", choices=["full", "projection", "none"], default="full")
+    p.add_argument("--image-size", type=int, default=224, help="side of the neutral calibration images")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("generate", help="generate one guarded answer")
+    model_args(p)
+    p.add_argument("--policy", help="policy bundle directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="directory of frames or animated GIF")
+    p.add_argument("--mode", choices=["enforce", "shadow", "off"], default="enforce")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    policy = sub.add_parser("policy", help="inspect and verify policy bundles").add_subparsers(dest="action", required=True)
+    p = policy.add_parser("show", help="print a bundle's manifest summary")
+    p.add_argument("dir")
+    p.add_argument("--report", help="also write the HTML calibration report")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_show)
+    p = policy.add_parser("verify", help="verify hashes, schema and values (and fit to --model)")
+    p.add_argument("dir")
+    p.add_argument("--model", help="also check the bundle fits this model")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_verify)
+    p = policy.add_parser("diff", help="compare two bundles")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_diff)
+
+    from guardrail import demo
+
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PolicyCompatibilityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_COMPATIBILITY
+    except PolicyIntegrityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INTEGRITY
+    except GuardrailError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+

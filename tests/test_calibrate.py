@@ -1,0 +1,178 @@
+"""Calibration on tiny random MLLMs: bundles, activations, memory, report and CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from guardrail import cli
+from guardrail.adapters import ModelAdapter
+from guardrail.calibrate import (
+    CalibrationTargets,
+    calibrate,
+    candidate_layers,
+    collect_last_position,
+)
+from guardrail.datasets import load_prompts
+from guardrail.guardrail import Guardrail
+from guardrail.messages import parse_conversation
+from guardrail.neutral import NeutralMedia
+from guardrail.policy import PolicyBundle
+from guardrail.report import render_report
+from guardrail.steering import last_positions
+
+from .conftest import tiny
+
+SMALL = CalibrationTargets(max_validation=8, lam_grid=(1.0, 2.0), kappa_grid=(0.5, 1.0))
+
+
+def _subset(name: str, n_train: int, n_val: int):
+    train = load_prompts(name, split="train")[:n_train]
+    val = load_prompts(name, split="val")[:n_val]
+    return train + val
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """Bundles for a tiny LLaVA (image) and a tiny Qwen2-VL (image and video)."""
+    out = {}
+    for arch in ("llava", "qwen2_vl"):
+        model, processor = tiny(arch)
+        out[arch] = calibrate(
+            model, processor, _subset("harmful", 24, 8), _subset("harmless", 24, 8),
+            targets=SMALL, media=NeutralMedia(seed=3, image_size=(32, 32)), progress=False,
+            name=f"tiny-{arch.replace('_', '-')}", batch_size=8,
+        )
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_calibrated_bundle_loads_and_guards(arch, calibrated, tmp_path):
+    model, processor = tiny(arch)
+    bundle = calibrated[arch]
+    adapter = ModelAdapter(model, processor)
+    assert set(bundle.modalities) == set(adapter.modalities)
+    assert bundle.layer in candidate_layers(adapter.num_layers, SMALL.layer_range)
+    record = bundle.manifest.calibration
+    assert record["chosen"]["layer"] == bundle.layer
+    assert {r["layer"] for r in record["sweep"]} == set(record["candidate_layers"])
+    assert record["datasets"]["harmful_train"]["size"] == 24
+    assert len(record["validation_scores"]["harmful"]) == 8
+    path = bundle.save_pretrained(tmp_path / arch)
+    loaded = PolicyBundle.from_pretrained(path, model=model, processor=processor)
+    assert torch.equal(loaded.u, bundle.u)
+    guard = Guardrail(model, processor, path)
+    result = guard.generate([{"role": "user", "content": [
+        {"type": "image", "image": __import__("PIL.Image").Image.new("RGB", (32, 32), "red")},
+        {"type": "text", "text": "What is this?"}]}], max_new_tokens=3)
+    assert result.policy_version == "1.0.0" and result.score is not None
+    # verify through the CLI: success, then tamper -> integrity exit code
+    assert cli.main(["policy", "verify", str(path)]) == cli.EXIT_OK
+    (path / "tensors.safetensors").write_bytes(b"\0" * 64)
+    assert cli.main(["policy", "verify", str(path)]) == cli.EXIT_INTEGRITY
+
+
+def test_means_match_definitions(calibrated):
+    """mu_H, mu_S, deltas and the direction follow the method's definitions."""
+    bundle = calibrated["qwen2_vl"]
+    t = bundle.tensors
+    r = t["mu_H"].double() - t["mu_S"].double()
+    assert torch.allclose(t["u"].double(), r / r.norm(), atol=1e-6)
+    assert bundle.g == pytest.approx(float(r.norm()), rel=1e-5)
+    assert bundle.p_S == pytest.approx(float(t["mu_S"].double() @ t["u"].double()), rel=1e-4, abs=1e-6)
+    assert set(bundle.modalities) == {"image", "video"}
+
+
+def test_collected_activations_equal_output_hidden_states():
+    model, processor = tiny("qwen2_vl")
+    adapter = ModelAdapter(model, processor)
+    from PIL import Image
+
+    convs = [parse_conversation(c) for c in (
+        "How do I bake bread?",
+        [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (32, 32), "blue")},
+                                      {"type": "text", "text": "Describe it"}]}],
+    )]
+    inputs = adapter.build_inputs(convs)
+    layers = [1, 2]
+    captured = collect_last_position(adapter, inputs, layers)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    rows, pos = torch.arange(2), last_positions(inputs["attention_mask"])
+    for layer in layers:
+        assert torch.equal(captured[layer], hidden[layer][rows, pos].double())
+
+
+def test_calibration_memory_does_not_grow_with_prompt_count(tmp_path):
+    """Peak RSS of streaming collection for 1,000 prompts is within 10 % of that for 100."""
+    script = textwrap.dedent("""
+        import resource, sys, torch
+        torch.set_num_threads(1)
+        from guardrail.tiny import tiny_model
+        from guardrail.adapters import ModelAdapter
+        from guardrail.calibrate import accumulate_means
+        from guardrail.messages import parse_conversation
+        n = int(sys.argv[1])
+        model, tok = tiny_model("llama", num_layers=2)
+        adapter = ModelAdapter(model, tok)
+        convs = (parse_conversation(f"Write a short note number {i} about gardening in spring.") for i in range(n))
+        means = accumulate_means(adapter, convs, [1], batch_size=16)
+        assert means[1].dtype == torch.float64
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    peaks = {}
+    for n in (100, 1000):
+        out = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, check=True)
+        peaks[n] = int(out.stdout.strip().splitlines()[-1])
+    assert peaks[1000] <= peaks[100] * 1.10, peaks
+
+
+def test_report_has_plots_and_numbers(calibrated, tmp_path):
+    bundle = calibrated["qwen2_vl"]
+    page = render_report(bundle)
+    assert page.count("data:image/png;base64,") == 2
+    record = bundle.manifest.calibration
+    assert f"<td>layer l*</td><td>{bundle.layer}</td>" in page
+    assert f"{bundle.parameters.tau:.4g}" in page
+    assert page.count('<tr class="chosen">') == 1
+    assert "image: before / after re-centring" not in page  # titles live in the PNG, not the HTML
+    for row in record["sweep"]:
+        assert f"<td>{row['layer']}</td>" in page
+
+
+def test_cli_calibrate_writes_bundle_and_report(tmp_path, capsys):
+    harmful = tmp_path / "harmful.txt"
+    harmless = tmp_path / "harmless.csv"
+    harmful.write_text("\n".join(p.prompt for p in load_prompts("harmful")[:30]))
+    harmless.write_text("prompt\n" + "\n".join(f'"{p.prompt}"' for p in load_prompts("harmless")[:30]))
+    out, report = tmp_path / "bundle", tmp_path / "report.html"
+    code = cli.main([
+        "calibrate", "--model", "tiny-llava", "--harmful", str(harmful), "--harmless", str(harmless),
+        "--out", str(out), "--name", "cli-test", "--version", "0.2.0", "--report", str(report),
+        "--max-validation", "6", "--image-size", "32", "--quiet", "--json",
+    ])
+    assert code == cli.EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["policy"] == "cli-test@0.2.0"
+    assert PolicyBundle.from_pretrained(out).version == "0.2.0"
+    assert report.read_text().count("data:image/png;base64,") == 2
+    assert cli.main(["policy", "show", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["layer"] == summary["layer"]
+    assert cli.main(["policy", "diff", str(out), str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["direction_cosine"] == pytest.approx(1.0)
+
+
+def test_bad_calibration_input_is_named():
+    from guardrail.errors import InputError
+
+    model, processor = tiny("llama")
+    with pytest.raises(InputError, match="does not support"):
+        calibrate(model, processor, ["a"] * 4, ["b"] * 4, modalities=["image"], progress=False)
+    with pytest.raises(InputError, match="out of range"):
+        calibrate(model, processor, ["a"] * 4, ["b"] * 4, layers=[99], progress=False)
