@@ -54,7 +54,7 @@ LABELS: tuple[str, ...] = ("harmful", "harmless", "borderline")
 """Allowed values of :attr:`Prompt.label` (besides ``None``)."""
 
 _SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".txt")
-_STR_FIELDS: tuple[str, ...] = ("category", "split", "template", "pair", "label")
+_STR_FIELDS: tuple[str, ...] = ("category", "split", "template", "pair", "label", "reference")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Prompt:
         template: Id of the underlying request; paraphrases share it.
         pair: For ``near_miss`` items, the harmful prompt it was derived from.
         label: ``"harmful"``, ``"harmless"``, ``"borderline"`` or ``None``.
+        reference: An expected answer (or a string it must contain), for task scores.
     """
 
     prompt: str
@@ -76,6 +77,7 @@ class Prompt:
     template: str | None = None
     pair: str | None = None
     label: str | None = None
+    reference: str | None = None
 
     def to_dict(self) -> dict[str, str]:
         """Return the fields as a dict, leaving out those that are ``None``."""
@@ -84,7 +86,7 @@ class Prompt:
             "category": self.category,
             "split": self.split,
         }
-        for key in ("template", "pair", "label"):
+        for key in ("template", "pair", "label", "reference"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -423,6 +425,7 @@ def _from_mapping(obj: Mapping[str, Any], where: str, fix: str) -> Prompt:
         template=fields["template"],
         pair=fields["pair"],
         label=label,
+        reference=fields["reference"],
     )
 
 
