@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a guardrail error (bad input, model, generation);
 2 usage error; 3 a policy bundle failed verification (integrity or signature);
-4 a policy bundle does not fit the model.
+4 a policy bundle does not fit the model; 5 ``guardrail rollout report`` flagged a
+canary whose intervention or refusal rate differs from stable beyond the tolerance.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from guardrail.errors import GuardrailError, PolicyCompatibilityError, PolicyIntegrityError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTEGRITY, EXIT_COMPATIBILITY = 0, 1, 2, 3, 4
+EXIT_CANARY_FLAGGED = 5
 
 
 def _print_json(data: Any) -> None:
@@ -151,9 +153,15 @@ def cmd_policy_verify(args: argparse.Namespace) -> int:
     from guardrail.policy import PolicyBundle
 
     adapter = ModelAdapter(*_load(args)) if args.model else None
-    bundle = PolicyBundle.from_pretrained(args.dir, adapter=adapter)
+    bundle = PolicyBundle.from_pretrained(args.dir)
     checks = ["schema", "manifest digest", "tensor hashes", "finite values"]
+    if getattr(args, "trust_store", None):
+        from guardrail.signing import TrustStore, verify_bundle
+
+        key_id = verify_bundle(bundle, TrustStore.from_dir(args.trust_store))
+        checks.append(f"signed by {key_id}")
     if adapter is not None:
+        bundle.check_compatible(adapter)
         checks.append(f"fits {type(adapter.model).__name__}")
     if args.json:
         _print_json({"ok": True, "policy": bundle.ref, "checks": checks})
@@ -180,6 +188,87 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
         print(f"{a.ref} -> {b.ref}")
         for key, value in changes.items():
             print(f"  {key}: {json.dumps(value, default=str)}")
+    return EXIT_OK
+
+
+def cmd_policy_keygen(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from guardrail.signing import check_key_id, generate_keypair
+
+    check_key_id(args.key_id)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = out / f"{args.key_id}.pem", out / f"{args.key_id}.pub"
+    for path in (private, public):
+        if path.exists():
+            raise GuardrailError(f"{path} already exists; choose another --key-id or --out (keys are never overwritten)")
+    private_pem, public_pem = generate_keypair()
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    public.write_bytes(public_pem)
+    if args.json:
+        _print_json({"key_id": args.key_id, "private_key": str(private), "public_key": str(public)})
+    else:
+        print(f"private key: {private} (keep secret)")
+        print(f"public key:  {public} (copy into the trust store directory)")
+    return EXIT_OK
+
+
+def cmd_policy_sign(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from guardrail.signing import sign_bundle
+
+    signature = sign_bundle(args.dir, Path(args.key), args.key_id)
+    if args.json:
+        _print_json(signature.model_dump())
+    else:
+        print(f"signed {args.dir} with key {signature.key_id} (manifest {signature.manifest_digest[:19]}...)")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def cmd_rollout_report(args: argparse.Namespace) -> int:
+    from guardrail.rollout import report_events
+
+    report = report_events(args.events, tolerance=args.tolerance, alpha=args.alpha)
+    if args.json:
+        _print_json({**report.model_dump(), "flagged": report.flagged})
+    else:
+        print(report.to_text())
+    return EXIT_CANARY_FLAGGED if report.flagged else EXIT_OK
+
+
+def cmd_rollout_check(args: argparse.Namespace) -> int:
+    from guardrail.registry import PolicyRegistry
+    from guardrail.rollout import Rollout
+
+    trust = None
+    if args.trust_store:
+        from guardrail.signing import TrustStore
+
+        trust = TrustStore.from_dir(args.trust_store)
+    registry = PolicyRegistry(args.registry) if args.registry else None
+    rollout = Rollout.from_file(args.config, registry, trust_store=trust)
+    canary = rollout.config.canary
+    data = {
+        "stable": rollout.stable.ref,
+        "canary": rollout.canary.ref if rollout.canary else None,
+        "canary_share": canary.share if canary else None,
+        "sticky_key": canary.sticky_key if canary else None,
+        "shadow": [b.ref for b in rollout.shadows],
+        "kill_switch": rollout.config.kill_switch,
+        "signatures": "verified" if trust is not None else "not checked",
+    }
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"OK {rollout!r}" + (" (signatures verified)" if trust is not None else ""))
     return EXIT_OK
 
 
@@ -238,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="also check the bundle fits this model")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--trust-store", help="directory of <key_id>.pub keys; require a valid signature")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_verify)
     p = policy.add_parser("diff", help="compare two bundles")
@@ -245,10 +335,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_diff)
+    p = policy.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", required=True, help="directory for <key-id>.pem (private) and <key-id>.pub")
+    p.add_argument("--key-id", required=True, help="the key's name in trust stores, e.g. release-2025")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_keygen)
+    p = policy.add_parser("sign", help="sign a bundle (writes signature.json beside its manifest)")
+    p.add_argument("dir")
+    p.add_argument("--key", required=True, help="Ed25519 private key PEM file")
+    p.add_argument("--key-id", required=True, help="id of the key, as named in the trust store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_sign)
 
-    from guardrail import demo
+    rollout = sub.add_parser("rollout", help="check rollout configs and report on canaries").add_subparsers(
+        dest="action", required=True
+    )
+    p = rollout.add_parser(
+        "report", help="per-arm rates from JSON Lines events; exit 5 when a canary is flagged"
+    )
+    p.add_argument("events", help="JSON Lines event log (e.g. written by JsonlSink)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="absolute rate difference that flags a canary")
+    p.add_argument("--alpha", type=float, default=None, help="also require a z-test p-value below this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollout_report)
+    p = rollout.add_parser("check", help="load and verify every bundle a rollout config names")
+    p.add_argument("config", help="rollout config (.json, .yaml or .yml)")
+    p.add_argument("--registry", help="local registry root for references such as organism@^1")
+    p.add_argument("--trust-store", help="directory of <key_id>.pub keys; require valid signatures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollout_check)
+
+    from guardrail import demo, evaluate
 
     demo.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+SIGNATURE = "signature.json"  # optional, see guardrail.signing
 REQUIRED_TENSORS = ("u", "mu_S", "mu_H", "p_S", "g")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:[-+.][0-9A-Za-z.+-]+)?$")
@@ -391,6 +392,11 @@ class PolicyBundle:
         bundle = cls(manifest, tensors)
         bundle._source = path  # type: ignore[attr-defined]
         bundle._manifest_bytes = manifest_bytes  # type: ignore[attr-defined]
+        signature = path / SIGNATURE
+        if signature.is_file():
+            # Carried along so that a re-saved (e.g. published) bundle stays signed;
+            # checked by guardrail.signing.verify_bundle, not here.
+            bundle.extra_files[SIGNATURE] = _read_file(signature)
         return bundle
 
 
