@@ -17,7 +17,7 @@ def smollm2_guard():
     from guardrail import smollm2
 
     model, tokenizer = smollm2.load_model()
-    targets = CalibrationTargets(max_validation=32, lam_grid=(2.0,), kappa_grid=(1.0,))
+    targets = CalibrationTargets(max_validation=24, lam_grid=(2.0,), kappa_grid=(1.0,))
     bundle = calibrate(model, tokenizer, "harmful", "harmless", targets=targets, batch_size=16, progress=False,
                        name="smollm2")
     return Guardrail(model, tokenizer, bundle)
