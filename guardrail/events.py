@@ -131,6 +131,8 @@ def would_intervene(result: GuardrailResult, tau: float | None) -> bool:
     if result.mode == "enforce":
         return result.strength > 0
     if result.mode == "shadow":
+        if result.would_intervene:
+            return True
         return result.score is not None and tau is not None and result.score > tau
     return False
 
@@ -160,19 +162,35 @@ def build_events(
             refused=result.refused,
             latency_s=result.latency_s,
             error=result.error,
-            rollout_arm=rollout_arm,
+            rollout_arm=rollout_arm or result.rollout_arm,
             trace_id=ids[0] if ids else None,
             span_id=ids[1] if ids else None,
         )
         if capture_content:
             common["prompt"] = prompts[row] if prompts is not None else None
             common["output"] = result.text
+        gate = tau if tau is not None else result.tau
         if would_intervene(result, tau):
             events.append(
                 InterventionEvent(
-                    **common, intervened=result.intervened, would_intervene=True, tau=tau
+                    **common, intervened=result.intervened, would_intervene=True, tau=gate
                 )
             )
+        for shadow in result.shadow:  # rollout shadow versions: scored, never applied
+            if shadow.would_intervene:
+                shadow_fields = {
+                    **common,
+                    "policy_name": shadow.policy_name,
+                    "policy_version": shadow.policy_version,
+                    "mode": "shadow",
+                    "layer": shadow.layer,
+                    "score": shadow.score,
+                    "strength": 0.0,
+                    "rollout_arm": "shadow",
+                }
+                events.append(
+                    InterventionEvent(**shadow_fields, intervened=False, would_intervene=True)
+                )
         if result.refused:
             blocked = result.finish_reason == "guardrail_error"
             events.append(

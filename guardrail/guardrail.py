@@ -15,7 +15,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -28,6 +29,8 @@ from guardrail.events import EventDispatcher, EventSink, build_events, prompt_te
 from guardrail.messages import Conversation, InputLimits, is_single_conversation, parse_conversation
 from guardrail.policy import PolicyBundle
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
+from guardrail.rollout import Rollout, RolloutConfig
+from guardrail.signing import TrustStore
 from guardrail.steering import LayerPlan, last_positions, steering_hooks
 from guardrail.telemetry import Telemetry
 from guardrail.telemetry import model_name as _model_name
@@ -49,6 +52,16 @@ class Usage(BaseModel):
         return self.input_tokens + self.output_tokens
 
 
+class ShadowScore(BaseModel):
+    """A shadow policy's verdict on a request: scored, never applied."""
+
+    policy_name: str
+    policy_version: str
+    layer: int
+    score: float | None = None
+    would_intervene: bool = False
+
+
 class GuardrailResult(BaseModel):
     """The outcome of one guarded generation."""
 
@@ -67,7 +80,20 @@ class GuardrailResult(BaseModel):
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     latency_s: float = 0.0
     error: str | None = None
+    tau: float | None = None
+    would_intervene: bool = False
+    rollout_arm: str | None = None
+    shadow: list[ShadowScore] = Field(default_factory=list)
     token_ids: list[int] = Field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Which bundle serves a row, under which rollout arm, with which shadows."""
+
+    policy: PolicyBundle | None
+    arm: str | None = None
+    shadows: tuple[PolicyBundle, ...] = ()
 
 
 class Guardrail:
@@ -89,6 +115,11 @@ class Guardrail:
         tracer_provider, meter_provider: OpenTelemetry providers for spans and metrics
             (:mod:`guardrail.telemetry`); the API's global ones by default.
         model_name: the model's name on spans; its checkpoint name by default.
+        trust_store: a :class:`~guardrail.signing.TrustStore`; when set, only bundles
+            signed by one of its keys are loaded.
+        rollout: a :class:`~guardrail.rollout.Rollout` (or its config, or a config file)
+            choosing the bundle per request: stable, canary, shadows, kill switch.
+        registry: resolves the references of a rollout config.
     """
 
     def __init__(
@@ -108,6 +139,9 @@ class Guardrail:
         tracer_provider: Any | None = None,
         meter_provider: Any | None = None,
         model_name: str | None = None,
+        trust_store: TrustStore | None = None,
+        rollout: Rollout | RolloutConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        registry: Any | None = None,
     ):
         self.adapter = ModelAdapter(model, processor)
         self.model = model
@@ -128,7 +162,12 @@ class Guardrail:
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
+        self.trust_store = trust_store
+        self.registry = registry
         self.policy: PolicyBundle | None = self.load_policy(policy) if policy is not None else None
+        self._rollout: Rollout | None = None
+        if rollout is not None:
+            self.set_rollout(rollout)
 
     # ------------------------------------------------------------------ construction
 
@@ -153,11 +192,41 @@ class Guardrail:
         return cls(model, processor, policy, **kwargs)
 
     def load_policy(self, policy: PolicyBundle | str | os.PathLike[str]) -> PolicyBundle:
-        """Load (if a path) and check a policy against this guardrail's model."""
+        """Load (if a path) and check a policy: signature (under a trust store), model fit."""
+        from guardrail.signing import load_verified, verify_bundle
+
         if isinstance(policy, PolicyBundle):
+            if self.trust_store is not None:
+                verify_bundle(policy, self.trust_store)
             policy.check_compatible(self.adapter)
             return policy
-        return PolicyBundle.from_pretrained(policy, adapter=self.adapter)
+        return load_verified(policy, self.trust_store, self.adapter)
+
+    @property
+    def rollout(self) -> Rollout | None:
+        return self._rollout
+
+    def set_rollout(
+        self, rollout: Rollout | RolloutConfig | Mapping[str, Any] | str | os.PathLike[str] | None
+    ) -> Rollout | None:
+        """Switch the rollout (or drop it with ``None``) without touching the model.
+
+        Every bundle of the new rollout is loaded and verified first (signature under
+        the trust store, fit to this model); then one reference is swapped, so
+        requests in flight finish under the rollout they started with and new ones
+        see the new one. A swap costs the bundle loads (milliseconds), never a model
+        reload. For switching arms of the same rollout (promote, rollback, kill
+        switch, share) use the :class:`~guardrail.rollout.Rollout` methods.
+        """
+        if rollout is None or isinstance(rollout, Rollout):
+            self._rollout = rollout
+            return rollout
+        if isinstance(rollout, (str, os.PathLike)):
+            built = Rollout.from_file(rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter)
+        else:
+            built = Rollout(rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter)
+        self._rollout = built
+        return built
 
     # ------------------------------------------------------------------ generation
 
@@ -167,6 +236,7 @@ class Guardrail:
         *,
         mode: Mode | None = None,
         policy: PolicyBundle | None = None,
+        key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
     ) -> Any:
@@ -175,13 +245,15 @@ class Guardrail:
         ``messages`` is one conversation (a list of message dicts, or a string) or a
         list of conversations; the result is one :class:`GuardrailResult` or a list.
         Generation kwargs are passed to ``model.generate`` (greedy by default).
+        ``policy`` overrides the configured policy and rollout for this call;
+        ``key`` (a user or session id, or one per conversation) picks the rollout arm.
         ``sinks`` receive this call's events in addition to the guardrail's own.
         """
         single = is_single_conversation(messages)
         batch = [messages] if single else list(messages)
         if not batch:
             raise InputError("no conversations given; pass one conversation or a non-empty list")
-        results = self._run(batch, mode=mode, policy=policy, sinks=sinks, **generate_kwargs)
+        results = self._run(batch, mode=mode, policy=policy, key=key, sinks=sinks, **generate_kwargs)
         return results[0] if single else results
 
     async def agenerate(self, messages: Any, **kwargs: Any) -> Any:
@@ -194,6 +266,7 @@ class Guardrail:
         *,
         mode: Mode | None = None,
         policy: PolicyBundle | None = None,
+        key: str | None = None,
         sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
     ) -> Iterator[str | GuardrailResult]:
@@ -217,6 +290,7 @@ class Guardrail:
                     [messages],
                     mode=mode,
                     policy=policy,
+                    key=key,
                     streamer=streamer,
                     cancel=cancel,
                     sinks=sinks,
@@ -288,6 +362,7 @@ class Guardrail:
         *,
         mode: Mode | None,
         policy: PolicyBundle | None,
+        key: str | Sequence[str | None] | None = None,
         cancel: threading.Event | None = None,
         sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
@@ -296,18 +371,15 @@ class Guardrail:
 
         Events are dispatched after the spans end, in the caller's context.
         """
-        used = policy if policy is not None else self.policy
-        tau = used.parameters.tau if used is not None else None
+        routes = self._routes(len(batch), policy, key)
         max_tokens = generate_kwargs.get("max_new_tokens", self.max_new_tokens)
         params = generate_kwargs
         with self.telemetry.generation(batch, max_tokens=max_tokens, parameters=params) as observed:
-            results = self._generate(
-                batch, mode=mode, policy=policy, cancel=cancel, **generate_kwargs
-            )
-            observed.record(results, tau=tau)
+            results = self._generate(batch, routes=routes, mode=mode, cancel=cancel, **generate_kwargs)
+            observed.record(results, tau=None)
         events = build_events(
             results,
-            tau=tau,
+            tau=None,
             prompts=[prompt_text(m) for m in batch] if self.events.capture_content else None,
             capture_content=self.events.capture_content,
             span_ids=observed.span_ids(),
@@ -315,44 +387,122 @@ class Guardrail:
         self.events.dispatch(events, extra=sinks or ())
         return results
 
+    def _routes(
+        self, n: int, policy: PolicyBundle | None, key: str | Sequence[str | None] | None
+    ) -> list[_Route]:
+        """Resolve, once per request, which bundle serves each row."""
+        if policy is not None:
+            return [_Route(policy)] * n
+        rollout = self._rollout  # one snapshot for the whole call
+        if rollout is None:
+            return [_Route(self.policy)] * n
+        if key is None or isinstance(key, str):
+            keys: list[str | None] = [key] * n
+        else:
+            keys = list(key)
+            if len(keys) != n:
+                raise InputError(f"{len(keys)} routing keys for {n} conversations; give one per conversation")
+        routes = []
+        for k in keys:
+            a = rollout.resolve(k)
+            routes.append(_Route(a.policy, a.arm, tuple(a.shadows)))
+        return routes
+
     def _generate(
         self,
         batch: Sequence[Any],
         *,
+        routes: Sequence[_Route],
         mode: Mode | None,
-        policy: PolicyBundle | None,
         cancel: threading.Event | None = None,
         **generate_kwargs: Any,
     ) -> list[GuardrailResult]:
         started = time.perf_counter()
         mode = _check_mode(mode or self.mode)
-        policy = policy if policy is not None else self.policy
         convs = [parse_conversation(m, limits=self.limits) for m in batch]
         inputs = self.adapter.build_inputs(convs)
+        mask = inputs["attention_mask"]
         kwargs = self._generate_kwargs(generate_kwargs, cancel)
-        plans: list[LayerPlan] = []
-        error: str | None = None
-        if mode != "off" and policy is not None:
-            try:
-                plans = self._plans(
-                    [policy] * len(convs), convs, inputs["attention_mask"], apply=mode == "enforce"
-                )
-            except GuardrailError as exc:
-                error = str(exc)
-                if self._policy_failure(exc, mode):
-                    return [self._blocked(c, policy, mode, error, started) for c in convs]
+        n = len(convs)
+        # Rows whose policy cannot be applied are handled by the on_error policy.
+        policies = [r.policy if mode != "off" else None for r in routes]
+        errors: list[str | None] = [None] * n
+        for row, (p, conv) in enumerate(zip(policies, convs, strict=True)):
+            reason = _inapplicable(p, conv)
+            if reason is not None:
+                errors[row] = reason
+                policies[row] = None
+                if self._policy_failure(SteeringError(reason), mode):
+                    errors[row] = _BLOCKED + reason
+        apply = mode == "enforce"
+        plans = self._plans(policies, convs, mask, apply=apply)
+        shadow_plans, shadow_of = self._shadow_plans(routes, convs, mask, mode)
+        late = [p for p in shadow_plans if any(a.layer < p.layer for a in plans if a.apply)]
+        if late:  # score these shadows on an unsteered prefill of their own
+            with torch.no_grad(), steering_hooks(self.adapter.layers, late):
+                _run_until(self.model, self.adapter.layers, max(p.layer for p in late), inputs)
+        hooks = [p for p in shadow_plans if p not in late] + plans  # shadows see unsteered states
         try:
-            with torch.no_grad(), steering_hooks(self.adapter.layers, plans):
+            with torch.no_grad(), steering_hooks(self.adapter.layers, hooks):
                 output = self.model.generate(**inputs, **kwargs)
+            if hooks and not all(p.fired for p in hooks):
+                raise SteeringError("the steering hook did not fire during the prefill pass")
         except SteeringError as exc:
-            error = str(exc)
             if self._policy_failure(exc, mode):
-                return [self._blocked(c, policy, mode, error, started) for c in convs]
-            plans = []
+                return [
+                    self._blocked(c, r.policy, mode, str(exc), started, r.arm)
+                    for c, r in zip(convs, routes, strict=True)
+                ]
+            errors = [str(exc)] * n
+            plans, hooks = [], []
+            policies = [None] * n
             with torch.no_grad():
                 output = self.model.generate(**inputs, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return self._results(convs, inputs, sequences, plans, policy, mode, error, started)
+        results = self._results(convs, inputs, sequences, plans, policies, routes, mode, errors, started)
+        for bundle, built in shadow_of:
+            rows = {int(r) for plan in built for r in plan.rows.tolist()}
+            scores = _row_values(built, n, "score")
+            would = _row_values(built, n, "would_strength")
+            for row in sorted(rows):
+                results[row].shadow.append(
+                    ShadowScore(
+                        policy_name=bundle.name,
+                        policy_version=bundle.version,
+                        layer=bundle.layer,
+                        score=scores[row],
+                        would_intervene=(would[row] or 0.0) > 0,
+                    )
+                )
+        for row, reason in enumerate(errors):
+            if reason is not None and reason.startswith(_BLOCKED):
+                route = routes[row]
+                results[row] = self._blocked(
+                    convs[row], route.policy, mode, reason.removeprefix(_BLOCKED), started, route.arm
+                )
+        return results
+
+    def _shadow_plans(
+        self, routes: Sequence[_Route], convs: Sequence[Conversation], mask: torch.Tensor, mode: str
+    ) -> tuple[list[LayerPlan], list[tuple[PolicyBundle, list[LayerPlan]]]]:
+        """Score-only plans for the rollout's shadow bundles, grouped per bundle."""
+        if mode == "off":
+            return [], []
+        bundles: dict[int, PolicyBundle] = {}
+        for route in routes:
+            for b in route.shadows:
+                bundles.setdefault(id(b), b)
+        plans: list[LayerPlan] = []
+        per_bundle: list[tuple[PolicyBundle, list[LayerPlan]]] = []
+        for bundle in bundles.values():
+            rows: list[PolicyBundle | None] = [
+                bundle if any(x is bundle for x in r.shadows) and _inapplicable(bundle, c) is None else None
+                for r, c in zip(routes, convs, strict=True)
+            ]
+            built = self._plans(rows, convs, mask, apply=False)
+            plans += built
+            per_bundle.append((bundle, built))
+        return plans, per_bundle
 
     def _policy_failure(self, exc: GuardrailError, mode: str) -> bool:
         """Decide what a request gets when its policy cannot be applied.
@@ -391,7 +541,7 @@ class Guardrail:
 
     def _plans(
         self,
-        policies: Sequence[PolicyBundle],
+        policies: Sequence[PolicyBundle | None],
         convs: Sequence[Conversation],
         attention_mask: torch.Tensor,
         *,
@@ -405,17 +555,17 @@ class Guardrail:
         inputs: dict[str, Any],
         sequences: torch.Tensor,
         plans: Sequence[LayerPlan],
-        policy: PolicyBundle | None,
+        policies: Sequence[PolicyBundle | None],
+        routes: Sequence[_Route],
         mode: str,
-        error: str | None,
+        errors: Sequence[str | None],
         started: float,
     ) -> list[GuardrailResult]:
-        if plans and not all(p.fired for p in plans):
-            raise SteeringError("the steering hook did not fire during the prefill pass")
         prompt_len = int(inputs["input_ids"].shape[1])
         new = sequences[:, prompt_len:].cpu()
         scores = _row_values(plans, len(convs), "score")
         strengths = _row_values(plans, len(convs), "strength")
+        would = _row_values(plans, len(convs), "would_strength")
         input_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         tokenizer = self.adapter.tokenizer
         eos = _eos_ids(self.model, tokenizer)
@@ -429,6 +579,10 @@ class Guardrail:
             ids = ids[:cut] if cut is not None else [t for t in ids if t != pad or pad in eos]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             strength = strengths[row] or 0.0
+            policy = policies[row]
+            route = routes[row]
+            named = policy or (route.policy if mode != "off" else None)
+            row_mode = "off" if route.arm == "killed" else mode
             results.append(
                 GuardrailResult(
                     text=text,
@@ -436,22 +590,31 @@ class Guardrail:
                     intervened=mode == "enforce" and strength > 0,
                     score=scores[row],
                     strength=strength if mode == "enforce" else 0.0,
-                    layer=policy.layer if policy is not None and plans else None,
-                    policy_name=policy.name if policy is not None else None,
-                    policy_version=policy.version if policy is not None else None,
-                    mode=mode,
+                    layer=policy.layer if policy is not None else None,
+                    policy_name=named.name if named is not None else None,
+                    policy_version=named.version if named is not None else None,
+                    mode=row_mode,
                     modalities=sorted(conv.modalities),
                     usage=Usage(input_tokens=int(input_tokens[row]), output_tokens=len(ids)),
                     finish_reason=finish,
                     latency_s=latency,
-                    error=error,
+                    error=errors[row],
+                    tau=policy.parameters.tau if policy is not None else None,
+                    would_intervene=(would[row] or 0.0) > 0,
+                    rollout_arm=route.arm,
                     token_ids=ids,
                 )
             )
         return results
 
     def _blocked(
-        self, conv: Conversation, policy: PolicyBundle | None, mode: str, reason: str, started: float
+        self,
+        conv: Conversation,
+        policy: PolicyBundle | None,
+        mode: str,
+        reason: str,
+        started: float,
+        arm: str | None = None,
     ) -> GuardrailResult:
         return GuardrailResult(
             text=self.refusal_message,
@@ -466,7 +629,24 @@ class Guardrail:
             finish_reason="guardrail_error",
             latency_s=time.perf_counter() - started,
             error=reason,
+            rollout_arm=arm,
         )
+
+
+_BLOCKED = "blocked: "
+
+
+def _inapplicable(policy: PolicyBundle | None, conv: Conversation) -> str | None:
+    """Why ``policy`` cannot steer ``conv`` (a missing re-centring offset), or None."""
+    if policy is None or policy.parameters.recenter == "none":
+        return None
+    missing = [m for m in sorted(conv.modalities) if policy.delta(m) is None]
+    if missing:
+        return (
+            f"policy {policy.ref} has no re-centring offset for {', '.join(missing)} input; "
+            f"recalibrate with {', '.join(missing)} enabled or set recenter='none'"
+        )
+    return None
 
 
 def _policy_tensors(
@@ -486,7 +666,7 @@ def _policy_tensors(
 
 
 def build_plans(
-    policies: Sequence[PolicyBundle],
+    policies: Sequence[PolicyBundle | None],
     convs: Sequence[Conversation],
     attention_mask: torch.Tensor,
     *,
@@ -495,7 +675,9 @@ def build_plans(
 ) -> list[LayerPlan]:
     """One :class:`LayerPlan` per distinct policy among the rows of a batch.
 
-    ``policies[i]`` is the bundle of row ``i``; rows sharing a bundle share a plan.
+    ``policies[i]`` is the bundle of row ``i`` (``None``: the row is not steered); rows
+    sharing a bundle share a plan, so a batch mixing policy versions runs in one
+    forward pass with per-row parameters.
     Each row's re-centring offset is the sum of the bundle's offsets for the
     modalities present in that row.
     """
@@ -504,10 +686,12 @@ def build_plans(
     length = int(attention_mask.shape[1])
     groups: dict[int, list[int]] = {}
     for row, policy in enumerate(policies):
-        groups.setdefault(id(policy), []).append(row)
+        if policy is not None:
+            groups.setdefault(id(policy), []).append(row)
     plans = []
     for rows in groups.values():
         policy = policies[rows[0]]
+        assert policy is not None  # grouped rows always have a policy
         params = policy.parameters
         t = _policy_tensors(policy, device, cache)
         deltas = []

@@ -146,7 +146,9 @@ class LayerPlan:
     a subset when a batch mixes policies); every per-row tensor is indexed like
     ``rows``. ``positions`` are the ``t*`` of those rows in the prefill sequence.
     After the prefill pass ``score`` and ``strength`` hold the per-row results
-    (on the model's device; reading them is the caller's one host sync).
+    (on the model's device; reading them is the caller's one host sync);
+    ``would_strength`` is the strength the rule computed, also when ``apply`` is
+    off (shadow scoring), where ``strength`` is zero.
     """
 
     layer: int
@@ -167,6 +169,7 @@ class LayerPlan:
     fired: bool = False
     score: Tensor | None = None
     strength: Tensor | None = None
+    would_strength: Tensor | None = None
     captured: Tensor | None = field(default=None, repr=False)
     capture: bool = False
 
@@ -199,7 +202,7 @@ class LayerPlan:
             recenter_mode=self.recenter_mode,
             apply_recentering_to_activation=self.apply_recentering_to_activation,
         )
-        self.score, self.strength = step.score, step.strength
+        self.score, self.strength, self.would_strength = step.score, step.strength, step.strength
         if self.capture:
             self.captured = h.detach().clone()
         if not self.apply:
