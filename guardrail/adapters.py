@@ -38,7 +38,10 @@ class AdapterSpec:
     be given (transformers versions move modules around), the first that resolves
     wins. ``text_config`` names the config attribute holding the language model's
     config (``None``: the top config). ``nested_images`` is set for processors that
-    take images grouped per conversation.
+    take images grouped per conversation. ``video_as_frames`` lets an image-only
+    architecture take video: each video part is given to the processor as its frames,
+    one image each, in order, while the input keeps its ``video`` modality (so it is
+    re-centred with the video offset, calibrated on neutral frame sequences).
     """
 
     model_types: tuple[str, ...]
@@ -46,6 +49,7 @@ class AdapterSpec:
     modalities: frozenset[str] = field(default_factory=frozenset)
     text_config: str | None = "text_config"
     nested_images: bool = False
+    video_as_frames: bool = False
 
     @property
     def layer_paths(self) -> tuple[str, ...]:
@@ -80,7 +84,8 @@ register_adapter(
     AdapterSpec(
         model_types=("llava", "llava_next", "mistral3"),
         layers_path=("model.language_model.layers", "language_model.model.layers"),
-        modalities=_IMAGE,
+        modalities=_IMAGE_VIDEO,
+        video_as_frames=True,
     )
 )
 register_adapter(
@@ -188,6 +193,19 @@ class ModelAdapter:
                 {"role": m["role"], "content": "\n".join(p["text"] for p in m["content"])}
                 for m in conv.messages
             ]
+        elif self.spec.video_as_frames and conv.videos:
+            frames = iter(len(v) for v in conv.videos)
+            messages = [
+                {
+                    "role": m["role"],
+                    "content": [
+                        q
+                        for p in m["content"]
+                        for q in ([{"type": "image"}] * next(frames) if p["type"] == "video" else [p])
+                    ],
+                }
+                for m in conv.messages
+            ]
         else:
             messages = conv.messages
         try:
@@ -208,12 +226,14 @@ class ModelAdapter:
             batch = self.tokenizer(texts, add_special_tokens=False, **kwargs)
         else:
             images: Any
+            per_conv = [self._images(c) for c in conversations]
             if self.spec.nested_images:
-                images = [list(c.images) for c in conversations]
-                images = images if any(images) else None
+                images = per_conv if any(per_conv) else None
             else:
-                images = [img for c in conversations for img in c.images] or None
-            videos = [v for c in conversations for v in c.videos] or None
+                images = [img for group in per_conv for img in group] or None
+            videos = None
+            if not self.spec.video_as_frames:
+                videos = [v for c in conversations for v in c.videos] or None
             call: dict[str, Any] = {"text": texts, **kwargs}
             if images is not None:
                 call["images"] = images
@@ -232,6 +252,20 @@ class ModelAdapter:
             )
         device = self.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _images(self, conv: Conversation) -> list[Any]:
+        """The images the processor receives for ``conv``, in order of appearance."""
+        if not (self.spec.video_as_frames and conv.videos):
+            return list(conv.images)
+        images, videos = iter(conv.images), iter(conv.videos)
+        out: list[Any] = []
+        for message in conv.messages:
+            for part in message["content"]:
+                if part["type"] == "image":
+                    out.append(next(images))
+                elif part["type"] == "video":
+                    out.extend(next(videos))
+        return out
 
     @property
     def device(self) -> torch.device:

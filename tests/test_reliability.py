@@ -102,7 +102,7 @@ def test_video_frame_limits_and_unsupported_modality():
     mixed = frames[:2] + [Image.new("RGB", (8, 8))]
     with pytest.raises(InputError, match="different sizes"):
         parse_conversation([{"role": "user", "content": [{"type": "video", "video": mixed}]}])
-    model, processor = tiny("llava")
+    model, processor = tiny("gemma3")
     with pytest.raises(InputError, match="does not accept video"):
         Guardrail(model, processor).generate([{"role": "user", "content": [{"type": "video", "video": frames}]}])
 
