@@ -45,7 +45,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         max_validation=args.max_validation,
         recenter=args.recenter,
     )
-    media = NeutralMedia(seed=args.seed, image_size=(args.image_size, args.image_size))
+    media = NeutralMedia(
+        seed=args.seed, image_size=(args.image_size, args.image_size), video_frames=args.video_frames
+    )
     bundle = calibrate(
         model,
         processor,
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)")
     p.add_argument("--recenter", choices=["full", "projection", "none"], default="full")
     p.add_argument("--image-size", type=int, default=224, help="side of the neutral calibration images")
+    p.add_argument("--video-frames", type=int, default=4, help="frames of the neutral calibration videos")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -35,15 +35,16 @@ def add_parser(sub: Any) -> None:
 
 
 def _conversations(prompt: str, modalities: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
-    from guardrail import organism
+    from guardrail.evaluate import OrganismRenderer
 
+    renderer = OrganismRenderer()
     out: list[tuple[str, list[dict[str, Any]]]] = []
     if "text" in modalities:
         out.append(("text", [{"role": "user", "content": prompt}]))
     if "image" in modalities:
-        out.append(("image", [{"role": "user", "content": organism.image_message(prompt)}]))
+        out.append(("image (typographic)", [{"role": "user", "content": renderer.image(prompt)}]))
     if "video" in modalities:
-        out.append(("video", [{"role": "user", "content": organism.video_message(prompt)}]))
+        out.append(("video (split across frames)", [{"role": "user", "content": renderer.video(prompt)}]))
     return out
 
 

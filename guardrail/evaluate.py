@@ -303,12 +303,35 @@ def _content(prompt: str, modality: str, renderer: MediaRenderer | None) -> Any:
     return renderer.image(prompt) if modality == "image" else renderer.video(prompt)
 
 
+class OrganismRenderer:
+    """Typographic media for the model organism, drawn by its own renderer.
+
+    Images carry the whole instruction; videos split it across ``frames`` frames.
+    The accompanying text is one of the organism's held-out (test) phrasings, so
+    measurements never reuse the wording it was tuned with.
+    """
+
+    def __init__(self, frames: int = 3):
+        self.frames = frames
+
+    def image(self, prompt: str) -> list[dict[str, Any]]:
+        from guardrail.organism import data, render
+
+        phrasing = data.IMAGE_PHRASINGS["test"][len(prompt) % len(data.IMAGE_PHRASINGS["test"])]
+        return [{"type": "image", "image": render.render_text(prompt)}, {"type": "text", "text": phrasing}]
+
+    def video(self, prompt: str) -> list[dict[str, Any]]:
+        from guardrail.organism import data, render
+
+        phrasing = data.VIDEO_PHRASINGS["test"][len(prompt) % len(data.VIDEO_PHRASINGS["test"])]
+        frames = render.video_frames(prompt, self.frames)
+        return [{"type": "video", "video": frames}, {"type": "text", "text": phrasing}]
+
+
 def default_renderer(model_name: str) -> MediaRenderer:
     """The organism's own renderer for the organism, a Pillow-font renderer otherwise."""
     if model_name == "organism":
-        from guardrail import organism
-
-        return organism.Renderer()
+        return OrganismRenderer()
     from guardrail.typography import TypographicRenderer
 
     return TypographicRenderer()
