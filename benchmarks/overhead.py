@@ -120,9 +120,9 @@ def section_generation(guard: Guardrail, convs: list[Any], args: argparse.Namesp
     for batch in (1, 8):
         groups = [convs[i : i + batch] for i in range(0, len(convs), batch)][: max(1, args.prompts // batch)]
         fns = {
-            "plain": lambda: [plain_generate(adapter, g, n) for g in groups],
-            "enforce": lambda: [guard.generate(g, mode="enforce", max_new_tokens=n, min_new_tokens=n) for g in groups],
-            "shadow": lambda: [guard.generate(g, mode="shadow", max_new_tokens=n, min_new_tokens=n) for g in groups],
+            "plain": lambda groups=groups: [plain_generate(adapter, g, n) for g in groups],
+            "enforce": lambda groups=groups: [guard.generate(g, mode="enforce", max_new_tokens=n, min_new_tokens=n) for g in groups],
+            "shadow": lambda groups=groups: [guard.generate(g, mode="shadow", max_new_tokens=n, min_new_tokens=n) for g in groups],
         }
         interleaved(fns, 1)  # warm-up
         t = interleaved(fns, args.repeats)
