@@ -317,15 +317,10 @@ def main() -> None:
         bundle = PolicyBundle.from_pretrained(args.policy, adapter=adapter)
         bundle_dir = Path(args.policy)
     else:
-        from guardrail.policy import ModelFingerprint
+        from guardrail.tiny import random_policy
 
-        gen = torch.Generator().manual_seed(0)
-        d = adapter.hidden_size
-        mu_S = torch.randn(d, generator=gen)
-        bundle = PolicyBundle.from_statistics(
-            name="bench", version="1.0.0", layer=adapter.num_layers // 2, mu_H=mu_S + torch.randn(d, generator=gen),
-            mu_S=mu_S, mu_modalities={m: mu_S + 0.1 * torch.randn(d, generator=gen) for m in adapter.modalities},
-            model=ModelFingerprint.of(adapter))
+        bundle = random_policy(model, processor, layer=adapter.num_layers // 2, name="bench",
+                               modalities=tuple(sorted(adapter.modalities)))
         bundle_dir = bundle.save_pretrained(Path("/tmp/mars-bench-policy"))
     guard = Guardrail(model, processor, bundle)
     renderer = None

@@ -464,3 +464,51 @@ def tiny_model(
     generation_config.eos_token_id = tokenizer.eos_token_id
     generation_config.bos_token_id = tokenizer.bos_token_id
     return model, processor
+
+
+def random_policy(
+    model: Any,
+    processor: Any,
+    *,
+    layer: int = 2,
+    seed: int = 0,
+    modalities: tuple[str, ...] = (),
+    name: str = "test",
+    version: str = "1.0.0",
+    **params: Any,
+) -> Any:
+    """A well-formed policy bundle with random statistics, for plumbing checks (not behaviour).
+
+    ``modalities`` get a re-centring offset; ``params`` are :class:`SteeringParameters`.
+    """
+    import torch
+
+    from guardrail.adapters import ModelAdapter
+    from guardrail.policy import ModelFingerprint, PolicyBundle, SteeringParameters
+
+    adapter = ModelAdapter(model, processor)
+    gen = torch.Generator().manual_seed(seed)
+    d = adapter.hidden_size
+    mu_S = torch.randn(d, generator=gen)
+    mu_H = mu_S + 2 * torch.randn(d, generator=gen)
+    mu_m = {m: mu_S + 0.5 * torch.randn(d, generator=gen) for m in modalities}
+    return PolicyBundle.from_statistics(
+        name=name,
+        version=version,
+        layer=layer,
+        mu_H=mu_H,
+        mu_S=mu_S,
+        mu_modalities=mu_m,
+        model=ModelFingerprint.of(adapter),
+        parameters=SteeringParameters(**params),
+    )
+
+
+def random_image(seed: int = 1, size: int = 32) -> Any:
+    """A seeded RGB noise image."""
+    import torch
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)

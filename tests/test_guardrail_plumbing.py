@@ -17,7 +17,7 @@ from guardrail.adapters import ModelAdapter
 from guardrail.guardrail import Guardrail
 from guardrail.messages import parse_conversation
 from guardrail.steering import last_positions, mars_step
-from guardrail.tiny import ARCHITECTURES
+from guardrail.tiny import ARCHITECTURES, random_image
 
 from .conftest import random_policy, tiny
 
@@ -26,9 +26,7 @@ IMAGE_ARCHS = {a for a in ARCHITECTURES if "image" in ModelAdapter(*tiny(a)).mod
 
 
 def _image(seed: int, size: int = 32) -> Image.Image:
-    gen = torch.Generator().manual_seed(seed)
-    arr = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(arr)
+    return random_image(seed, size)
 
 
 def conversations(arch: str) -> list[list[dict]]:
