@@ -381,7 +381,7 @@ def calibrate(
             mu_S=means["harmless"][layer],
             mu_modalities={m: means[m][layer] for m in mods},
             model=fingerprint,
-            parameters=SteeringParameters(recenter=targets.recenter, **params),  # type: ignore[arg-type]
+            parameters=SteeringParameters(recenter=targets.recenter, **params),
             description=description,
         )
 
@@ -389,8 +389,9 @@ def calibrate(
         acts = val_acts[set_name][bundle.layer]
         delta = torch.zeros_like(acts)
         mode = bundle.parameters.recenter if recentered else "none"
-        if set_name in mods and mode != "none":
-            delta = bundle.delta(set_name).double().expand_as(acts)
+        offset = bundle.delta(set_name) if set_name in mods else None
+        if offset is not None and mode != "none":
+            delta = offset.double().expand_as(acts)
         step = mars_step(acts, u=bundle.u.double(), p_S=torch.tensor(bundle.p_S), g=torch.tensor(bundle.g),
                          delta=delta, tau=math.inf, lam=0.0, kappa=0.0, recenter_mode=mode)
         return step.score.tolist()

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -269,7 +269,7 @@ class Guardrail:
         key: str | None = None,
         sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
-    ) -> Iterator[str | GuardrailResult]:
+    ) -> Generator[str | GuardrailResult, None, None]:
         """Yield text chunks as they are generated, then the :class:`GuardrailResult`.
 
         Abandoning the iterator (``close()``, ``break``, garbage collection) stops
@@ -530,9 +530,11 @@ class Guardrail:
         if cancel is not None:
             from transformers import StoppingCriteria, StoppingCriteriaList
 
+            event = cancel
+
             class _Cancel(StoppingCriteria):
                 def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> Any:
-                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                    return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
 
             criteria = StoppingCriteriaList(out.pop("stopping_criteria", None) or [])
             criteria.append(_Cancel())

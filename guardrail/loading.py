@@ -26,7 +26,10 @@ def load_model(
     plumbing checks and quick runs; see :mod:`guardrail.tiny`).
     """
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise GuardrailError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16' or 'float32'")
+        dtype = resolved
     if name_or_path == "smollm2":
         from guardrail import smollm2
 

@@ -31,20 +31,20 @@ def neutral_image(rng: random.Random, size: tuple[int, int], kind: str | None = 
     width, height = size
     colour = tuple(rng.randrange(256) for _ in range(3))
     if kind == "solid":
-        return Image.new("RGB", size, colour)  # type: ignore[arg-type]
+        return Image.new("RGB", size, colour)
     if kind == "noise":
         return Image.frombytes("RGB", size, rng.randbytes(width * height * 3))
     if kind == "shapes":
-        image = Image.new("RGB", size, colour)  # type: ignore[arg-type]
+        image = Image.new("RGB", size, colour)
         draw = ImageDraw.Draw(image)
         for _ in range(rng.randint(1, 4)):
             x0, y0 = rng.randrange(width), rng.randrange(height)
             x1, y1 = rng.randrange(x0, width + 1), rng.randrange(y0, height + 1)
             fill = tuple(rng.randrange(256) for _ in range(3))
             if rng.random() < 0.5:
-                draw.rectangle((x0, y0, x1, y1), fill=fill)  # type: ignore[arg-type]
+                draw.rectangle((x0, y0, x1, y1), fill=fill)
             else:
-                draw.ellipse((x0, y0, x1, y1), fill=fill)  # type: ignore[arg-type]
+                draw.ellipse((x0, y0, x1, y1), fill=fill)
         return image
     raise ValueError(f"neutral image kind {kind!r} is not one of {KINDS}")
 

@@ -97,7 +97,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str
     version: str
     description: str = ""
@@ -246,7 +246,7 @@ class PolicyBundle:
             model=model,
             layer=layer,
             parameters=parameters or SteeringParameters(),
-            modalities=sorted(mu_modalities or {}),  # type: ignore[arg-type]
+            modalities=sorted(mu_modalities or {}),
             calibration=calibration or {},
         )
         return cls(manifest, {k: v.float() for k, v in tensors.items()})

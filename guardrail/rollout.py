@@ -732,7 +732,7 @@ def report_events(
             comparisons.append(
                 Comparison(
                     canary=canary.policy,
-                    metric=metric,  # type: ignore[arg-type]
+                    metric=metric,
                     mode=canary.mode,
                     canary_rate=p1,
                     stable_rate=p2,

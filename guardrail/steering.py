@@ -242,7 +242,7 @@ def _make_hook(plan: LayerPlan, active: tuple[LayerPlan, ...]) -> Any:
 
 @contextmanager
 def steering_hooks(
-    layers: Sequence[torch.nn.Module], plans: Sequence[LayerPlan]
+    layers: Sequence[torch.nn.Module] | torch.nn.ModuleList, plans: Sequence[LayerPlan]
 ) -> Iterator[tuple[LayerPlan, ...]]:
     """Register one pre-hook per plan on ``layers[plan.layer]`` for the duration.
 
