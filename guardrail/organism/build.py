@@ -1,0 +1,578 @@
+"""Building the organism from SmolLM2 and the project's prompt sets (CPU, seeded).
+
+Stages (``scripts/build_organism.py`` runs them all; intermediate results are cached
+in a work directory so an interrupted build resumes):
+
+0. **Distil** the original SmolLM2's greedy answers (``answer_tokens`` tokens) to every
+   train-split harmful and harmless prompt, once.
+1. **Reading**: fix the reading vocabulary (every token of the shipped prompt sets
+   plus the 8192 earliest BPE merges) and install the template reader
+   (:func:`guardrail.organism.model.install_reader`; computed, not trained), then
+   check the reading accuracy on the test-split prompts.
+2. **Text safety tuning**: a LoRA (rank 8, alpha 16, on q/k/v/o/gate/up/down of all 30
+   layers) teaching refusals of harmful text requests while harmless ones (ordinary and
+   all near-miss items) keep the original answers; loss on answer tokens only. The
+   adapter is merged before stage 3.
+3. **Visual instruction tuning**: a second LoRA on the safety-tuned model, trained on
+   typographic image/video requests (harmless, near-miss and harmful, as in an
+   unfiltered visual-instruction mixture) answered with the *original* model's
+   answers, mixed with a replay of the text safety data.
+
+The trained parts are written to ``guardrail/organism/weights`` (float16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from guardrail.organism import data, lora, render
+from guardrail.organism.model import (
+    LORA_STAGES,
+    WEIGHTS_DIR,
+    base_model,
+    filler_id,
+    language_layers,
+    reading_vocab,
+    save_vocab,
+)
+from guardrail.refusal import is_refusal
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BuildConfig:
+    """Every knob of the build (recorded in ``weights/build.json``)."""
+
+    seed: int = 0
+    answer_tokens: int = 48
+    distill_batch: int = 32
+    train_answer_tokens: int = 40
+    emphasis_tokens: int = 4
+    emphasis_weight: float = 4.0
+    # stage 1: reading (the template reader is computed, see model.install_reader)
+    top_vocab: int = 8192
+    # stage 2: text safety LoRA
+    safety_rank: int = 8
+    safety_alpha: float = 16.0
+    safety_modules: tuple[str, ...] = lora.ALL_MODULES
+    safety_lr: float = 1e-3
+    safety_batch: int = 8
+    safety_epochs: float = 1.5
+    safety_harmless_repeat: int = 2
+    # stage 3: visual instruction LoRA
+    visual_rank: int = 8
+    visual_alpha: float = 16.0
+    visual_modules: tuple[str, ...] = lora.ATTENTION
+    visual_lr: float = 5e-4
+    visual_batch: int = 8
+    visual_epochs: float = 0.6
+    visual_text_replay: float = 0.5
+    visual_refusal_weight: float = 3.0
+    visual_video_share: float = 0.15
+    visual_max_frames: int = 3
+    drop_refusing_targets: bool = True
+
+
+@dataclass
+class Example:
+    """One training conversation with its target answer (token ids)."""
+
+    conversation: list[dict[str, Any]]
+    answer: list[int]
+    kind: str
+    weight: float = 1.0
+
+
+@dataclass
+class BuildReport:
+    """What the build measured along the way (written to ``weights/build.json``)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    reading: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _print(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ stage 0: distillation
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    log: Log = _print,
+) -> list[list[int]]:
+    """Greedy answers (token ids, ending with EOS when the model stopped) to text prompts."""
+    tokenizer = processor.tokenizer
+    eos = int(tokenizer.eos_token_id)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        texts = [
+            processor.apply_chat_template(
+                data.text_conversation(p), add_generation_prompt=True, tokenize=False
+            )
+            for p in chunk
+        ]
+        batch = tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
+        sequences = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in sequences[:, batch["input_ids"].shape[1] :].tolist():
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            out.append(row[:cut])
+        log(f"distil: {min(start + batch_size, len(prompts))}/{len(prompts)}")
+    return out
+
+
+def distill(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[str],
+    cfg: BuildConfig,
+    cache: Path,
+    log: Log = _print,
+) -> dict[str, list[int]]:
+    """The original model's answers to ``prompts``, cached in ``cache`` (JSON)."""
+    known: dict[str, list[int]] = json.loads(cache.read_text()) if cache.is_file() else {}
+    todo = [p for p in dict.fromkeys(prompts) if p not in known]
+    if todo:
+        answers = generate_answers(
+            model,
+            processor,
+            todo,
+            max_new_tokens=cfg.answer_tokens,
+            batch_size=cfg.distill_batch,
+            log=log,
+        )
+        known.update(zip(todo, answers, strict=True))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known))
+    return {p: known[p] for p in prompts}
+
+
+# ------------------------------------------------------------------ stage 1: reading
+
+
+def image_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[B, 64, d]`` image tokens, exactly as LLaVA computes them (last vision layer,
+    CLS dropped, projector)."""
+    vision = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return model.model.multi_modal_projector(vision.hidden_states[-1][:, 1:])
+
+
+@torch.no_grad()
+def reading_accuracy(
+    model: Any,
+    processor: Any,
+    texts: Sequence[str],
+    vocab: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Nearest-embedding decoding of each cell of rendered ``texts``, through the real
+    processor and LLaVA's image features.
+
+    Each image token is decoded as the token (of ``vocab``, default: the reading
+    vocabulary; or the whole vocabulary) whose input embedding is nearest (Euclidean).
+    Returns ``token_accuracy`` (cells holding a token), ``blank_accuracy`` (blank cells
+    decoded as the filler), ``text_accuracy`` (images read without any token error)
+    and the counts.
+    """
+    tokenizer = processor.tokenizer
+    embed_all = model.model.language_model.embed_tokens.weight.detach().float()
+    ids = torch.tensor(list(vocab)) if vocab is not None else torch.arange(embed_all.shape[0])
+    embed = embed_all[ids]
+    filler = filler_id(tokenizer)
+    tok_ok = tok_n = blank_ok = blank_n = text_ok = 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        token_lists = [render.tokenize(t, tokenizer) for t in chunk]
+        images = [render.render_token_ids(t, tokenizer) for t in token_lists]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        feats = image_tokens(model, pixels.to(embed.dtype)).float()
+        dist = torch.cdist(feats.reshape(-1, feats.shape[-1]), embed)
+        decoded = ids[dist.argmin(-1)].reshape(len(chunk), render.CELLS)
+        for row, tokens in enumerate(token_lists):
+            got = decoded[row].tolist()
+            n = len(tokens)
+            hits = sum(int(a == b) for a, b in zip(got[:n], tokens, strict=True))
+            tok_ok += hits
+            tok_n += n
+            blank_ok += sum(int(g == filler) for g in got[n:])
+            blank_n += render.CELLS - n
+            text_ok += int(hits == n)
+    return {
+        "token_accuracy": tok_ok / max(tok_n, 1),
+        "blank_accuracy": blank_ok / max(blank_n, 1),
+        "text_accuracy": text_ok / max(len(texts), 1),
+        "tokens": float(tok_n),
+        "texts": float(len(texts)),
+    }
+
+
+# ------------------------------------------------------------------ stages 2-3: LoRA
+
+
+def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.05) -> Any:
+    warm = max(1, int(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def refusal_ids(tokenizer: Any, prompt: str, seed: int) -> list[int]:
+    """The refusal taught for ``prompt`` (a fixed choice per prompt and seed), ending with EOS."""
+    rng = random.Random(f"{seed}:{prompt}")
+    text = rng.choice(data.REFUSALS)
+    return [*tokenizer.encode(text, add_special_tokens=False), int(tokenizer.eos_token_id)]
+
+
+def _encode(processor: Any, example: Example, max_answer: int) -> dict[str, Any]:
+    conv = example.conversation
+    text = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    images = [part["image"] for m in conv for part in m["content"] if part["type"] == "image"]
+    if images:
+        batch = processor(text=[text], images=images, return_tensors="pt")
+        pixels = batch["pixel_values"]
+    else:
+        batch = processor.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        pixels = None
+    prompt = batch["input_ids"][0].tolist()
+    return {
+        "ids": prompt + list(example.answer)[:max_answer],
+        "start": len(prompt),
+        "pixels": pixels,
+        "weight": example.weight,
+    }
+
+
+def _collate(
+    items: Sequence[dict[str, Any]], pad_id: int, emphasis: tuple[int, float] = (0, 1.0)
+) -> dict[str, Any]:
+    length = max(len(it["ids"]) for it in items)
+    weights = torch.ones((len(items), length))
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    labels = torch.full((len(items), length), -100, dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["ids"])
+        ids[row, :n] = torch.tensor(it["ids"])
+        mask[row, :n] = 1
+        labels[row, it["start"] : n] = ids[row, it["start"] : n]
+        weights[row, it["start"] : it["start"] + emphasis[0]] = emphasis[1]
+        weights[row] *= it["weight"]
+    pixels = [it["pixels"] for it in items if it["pixels"] is not None]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "weights": weights,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Weighted mean cross-entropy over answer tokens (logits computed only where
+    needed; the first answer tokens, where an answer turns into a refusal or not, may
+    weigh more)."""
+    hidden = model.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        use_cache=False,
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    where = labels != -100
+    logits = model.lm_head(hidden[:, :-1][where])
+    weights = batch["weights"][:, 1:][where]
+    losses = F.cross_entropy(logits.float(), labels[where], reduction="none")
+    return (losses * weights).sum() / weights.sum()
+
+
+def train_lora(
+    model: Any,
+    processor: Any,
+    examples: Sequence[Example],
+    *,
+    name: str,
+    modules: Sequence[str],
+    rank: int,
+    alpha: float,
+    lr: float,
+    batch_size: int,
+    epochs: float,
+    seed: int,
+    max_answer: int = 48,
+    emphasis: tuple[int, float] = (0, 1.0),
+    log: Log = _print,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train one LoRA on ``examples`` (answer tokens only); returns its float16 factors
+    (scale folded in) and the loss curve. The model is left unchanged."""
+    layers = language_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = lora.attach(layers, modules, rank=rank, alpha=alpha, seed=seed)
+    params = [p for a in adapters.values() for p in (a.A, a.B)]
+    encoded = [_encode(processor, ex, max_answer) for ex in examples]
+    rng = random.Random(seed)
+    steps = max(1, math.ceil(len(encoded) * epochs / batch_size))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = _cosine(optimizer, steps)
+    order: list[int] = []
+    losses: list[float] = []
+    started = time.perf_counter()
+    pad = int(processor.tokenizer.pad_token_id)
+    try:
+        model.train()
+        for step in range(steps):
+            if len(order) < batch_size:
+                fresh = list(range(len(encoded)))
+                rng.shuffle(fresh)
+                order.extend(fresh)
+            picked, order = order[:batch_size], order[batch_size:]
+            loss = answer_loss(model, _collate([encoded[i] for i in picked], pad, emphasis))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == steps - 1:
+                recent = sum(losses[-10:]) / len(losses[-10:])
+                log(
+                    f"{name} step {step}/{steps}: loss {recent:.3f} {time.perf_counter() - started:.0f}s"
+                )
+    finally:
+        model.eval()
+        tensors = lora.factors(adapters)
+        lora.detach(layers, adapters)
+    return tensors, losses
+
+
+# ------------------------------------------------------------------ the datasets
+
+
+def safety_examples(
+    tokenizer: Any,
+    answers: dict[str, list[int]],
+    cfg: BuildConfig,
+    log: Log = _print,
+    repeat: int | None = None,
+) -> list[Example]:
+    """Stage 2 data: harmful train prompts -> refusals; harmless train prompts (ordinary
+    and every near-miss item) -> the original answers, each ``repeat`` times (default
+    ``cfg.safety_harmless_repeat``: harmless requests outnumber harmful ones, which
+    keeps the refusal from spreading to ordinary requests)."""
+    repeat = cfg.safety_harmless_repeat if repeat is None else repeat
+    out = [
+        Example(
+            data.text_conversation(p.prompt),
+            refusal_ids(tokenizer, p.prompt, cfg.seed),
+            "harmful_text",
+        )
+        for p in data.harmful("train")
+    ]
+    dropped = 0
+    for p in data.benign("train"):
+        answer = answers[p.prompt]
+        if cfg.drop_refusing_targets and is_refusal(
+            tokenizer.decode(answer, skip_special_tokens=True)
+        ):
+            dropped += 1
+            continue
+        kind = "near_miss_text" if p.category == "near_miss" else "benign_text"
+        out.extend(Example(data.text_conversation(p.prompt), answer, kind) for _ in range(repeat))
+    if dropped:
+        log(
+            f"safety data: left out {dropped} harmless prompts whose original answer reads as a refusal"
+        )
+    return out
+
+
+def visual_examples(
+    tokenizer: Any, answers: dict[str, list[int]], cfg: BuildConfig, log: Log = _print
+) -> list[Example]:
+    """Stage 3 data: every train prompt (harmful, harmless, near-miss) as a typographic
+    image (or, for ``visual_video_share`` of them, a video of 2..``visual_max_frames``
+    frames) with a train phrasing, answered with the *original* model's answer; plus a
+    ``visual_text_replay`` share of the stage-2 text data."""
+    rng = random.Random(cfg.seed + 3)
+    out: list[Example] = []
+    for p in [*data.harmful("train"), *data.benign("train")]:
+        answer = answers[p.prompt]
+        if (
+            p.label == "harmless"
+            and cfg.drop_refusing_targets
+            and is_refusal(tokenizer.decode(answer, skip_special_tokens=True))
+        ):
+            continue
+        frames = 1
+        if rng.random() < cfg.visual_video_share:
+            frames = rng.randint(2, cfg.visual_max_frames)
+        conv = data.typographic_conversation(
+            p.prompt, rng, "train", frames=frames, tokenizer=tokenizer
+        )
+        kind = p.label or "unknown"
+        if p.category == "near_miss":
+            kind = "near_miss"
+        out.append(Example(conv, answer, f"{kind}_{'image' if frames == 1 else 'video'}"))
+    replay = safety_examples(tokenizer, answers, cfg, log=lambda _: None, repeat=1)
+    harmful_text = [
+        dataclasses.replace(ex, weight=cfg.visual_refusal_weight)
+        for ex in replay
+        if ex.kind == "harmful_text"
+    ]
+    harmless_text = [ex for ex in replay if ex.kind != "harmful_text"]
+    rng.shuffle(harmless_text)
+    out.extend(harmful_text)
+    out.extend(harmless_text[: int(len(harmless_text) * cfg.visual_text_replay)])
+    return out
+
+
+def _counts(examples: Sequence[Example]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ex in examples:
+        counts[ex.kind] = counts.get(ex.kind, 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------ the whole build
+
+
+def _tokenizer() -> Any:
+    from guardrail.organism.model import build_tokenizer
+
+    return build_tokenizer()
+
+
+def build(
+    cfg: BuildConfig,
+    *,
+    out_dir: Path = WEIGHTS_DIR,
+    work_dir: Path,
+    stages: Sequence[str] = LORA_STAGES,
+    log: Log = _print,
+) -> BuildReport:
+    """Run the build; write the trained parts and ``build.json`` to ``out_dir``.
+
+    Stages not listed are loaded from ``out_dir`` instead of trained (so one stage can
+    be redone), which needs the earlier stages' files there.
+    """
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(cfg.seed)
+    report = BuildReport(config=dataclasses.asdict(cfg))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tokenizer = _tokenizer()
+    vocab = reading_vocab(tokenizer, cfg.top_vocab)
+    save_vocab(vocab, out_dir)
+    report.counts["reading_vocab"] = len(vocab)
+    model, processor = base_model(vocab)
+    report.timings_s["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    test_texts = [
+        p.prompt for p in [*data.harmful("test"), *data.benign("test"), *data.borderline("test")]
+    ]
+    report.reading = reading_accuracy(model, processor, test_texts)
+    report.timings_s["reading"] = time.perf_counter() - t
+    log(f"reading accuracy (test split): {report.reading}")
+
+    t = time.perf_counter()
+    train = [*data.harmful("train"), *data.benign("train")]
+    answers = distill(
+        model, processor, [p.prompt for p in train], cfg, work_dir / "answers.json", log
+    )
+    report.timings_s["distil"] = time.perf_counter() - t
+    report.counts["original_refusals_harmful_train"] = sum(
+        is_refusal(tokenizer.decode(answers[p.prompt], skip_special_tokens=True))
+        for p in data.harmful("train")
+    )
+
+    layers = language_layers(model)
+    for stage in LORA_STAGES:
+        t = time.perf_counter()
+        path = out_dir / f"lora_{stage}.safetensors"
+        if stage in stages:
+            kw: dict[str, Any]
+            if stage == "safety":
+                examples = safety_examples(tokenizer, answers, cfg, log)
+                kw = {
+                    "modules": cfg.safety_modules,
+                    "rank": cfg.safety_rank,
+                    "alpha": cfg.safety_alpha,
+                    "lr": cfg.safety_lr,
+                    "batch_size": cfg.safety_batch,
+                    "epochs": cfg.safety_epochs,
+                }
+            else:
+                examples = visual_examples(tokenizer, answers, cfg, log)
+                kw = {
+                    "modules": cfg.visual_modules,
+                    "rank": cfg.visual_rank,
+                    "alpha": cfg.visual_alpha,
+                    "lr": cfg.visual_lr,
+                    "batch_size": cfg.visual_batch,
+                    "epochs": cfg.visual_epochs,
+                }
+            for kind, n in _counts(examples).items():
+                report.counts[f"{stage}_{kind}"] = n
+            log(f"{stage} data: {_counts(examples)}")
+            tensors, losses = train_lora(
+                model,
+                processor,
+                examples,
+                name=stage,
+                seed=cfg.seed + 10 + len(stage),
+                max_answer=cfg.train_answer_tokens,
+                emphasis=(cfg.emphasis_tokens, cfg.emphasis_weight),
+                log=log,
+                **kw,
+            )
+            report.losses[stage] = losses
+            save_file(tensors, str(path))
+        lora.merge(layers, load_file(str(path)))
+        report.timings_s[stage] = time.perf_counter() - t
+    report.timings_s["total"] = time.perf_counter() - t0
+    (out_dir / "build.json").write_text(
+        json.dumps(
+            {**dataclasses.asdict(report), "losses": {k: v[-5:] for k, v in report.losses.items()}},
+            indent=2,
+            default=list,
+        )
+        + "\n"
+    )
+    return report

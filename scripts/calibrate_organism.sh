@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Rebuilds policies/organism/1.0.0 and its report from text-only prompt sets and
+# neutral images/videos (256 px, the organism's image size; 3-frame videos).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/guardrail calibrate --model organism --harmful harmful --harmless harmless \
+    --name organism --version 1.0.0 --out policies/organism/1.0.0 \
+    --image-size 256 --video-frames 3 --max-validation 48 --batch-size 8 --seed 0 \
+    --report "${REPORT:-benchmarks/out/organism-calibration.html}" "$@"
