@@ -44,6 +44,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         kl_bound=args.kl_bound,
         max_validation=args.max_validation,
         recenter=args.recenter,
+        lam_grid=tuple(float(x) for x in args.lam_grid.split(",")),
+        kappa_grid=tuple(float(x) for x in args.kappa_grid.split(",")),
     )
     media = NeutralMedia(
         seed=args.seed, image_size=(args.image_size, args.image_size), video_frames=args.video_frames
@@ -302,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger-rate", type=float, default=0.02, help="target benign gate trigger rate")
     p.add_argument("--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)")
     p.add_argument("--recenter", choices=["full", "projection", "none"], default="full")
+    p.add_argument("--lam-grid", default="1,2,4", help="comma-separated lam values to grid")
+    p.add_argument("--kappa-grid", default="0.5,1,1.5", help="comma-separated kappa values to grid")
     p.add_argument("--image-size", type=int, default=224, help="side of the neutral calibration images")
     p.add_argument("--video-frames", type=int, default=4, help="frames of the neutral calibration videos")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
