@@ -9,7 +9,14 @@ import pytest
 
 from guardrail import cli
 from guardrail.datasets import Prompt
-from guardrail.evaluate import EvalReport, Record, RefusalJudge, evaluate, load_eval_items, prefix_agreement
+from guardrail.evaluate import (
+    EvalReport,
+    Record,
+    RefusalJudge,
+    evaluate,
+    load_eval_items,
+    prefix_agreement,
+)
 from guardrail.guardrail import Guardrail
 from guardrail.metrics import auroc, quantile, wilson_interval
 from guardrail.typography import TypographicRenderer

@@ -7,12 +7,11 @@ import random
 import resource
 
 import pytest
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from guardrail.events import CallbackSink
 from guardrail.guardrail import Guardrail
