@@ -86,6 +86,29 @@ class GuardrailResult(BaseModel):
     shadow: list[ShadowScore] = Field(default_factory=list)
     token_ids: list[int] = Field(default_factory=list, repr=False)
 
+    def decision(self) -> dict[str, Any]:
+        """The guardrail's decision as a JSON-ready dict (no answer text): what the
+        framework integrations attach to their responses as ``"guardrail"`` metadata."""
+        return self.model_dump(mode="json", include=DECISION_FIELDS)
+
+
+DECISION_FIELDS = frozenset(
+    {
+        "request_id",
+        "score",
+        "strength",
+        "intervened",
+        "refused",
+        "layer",
+        "policy_name",
+        "policy_version",
+        "mode",
+        "modalities",
+        "latency_s",
+        "error",
+    }
+)
+
 
 @dataclass(frozen=True)
 class _Route:

@@ -34,23 +34,7 @@ PROVIDER = "mars_guardrail"
 
 def guardrail_metadata(result: GuardrailResult) -> dict[str, Any]:
     """The guardrail decision of one result, as put in ``response_metadata["guardrail"]``."""
-    return result.model_dump(
-        mode="json",
-        include={
-            "request_id",
-            "score",
-            "strength",
-            "intervened",
-            "refused",
-            "layer",
-            "policy_name",
-            "policy_version",
-            "mode",
-            "modalities",
-            "latency_s",
-            "error",
-        },
-    )
+    return result.decision()
 
 
 class ChatMarsGuardrail(BaseChatModel):

@@ -171,7 +171,7 @@ class MarsGuardrailLLM(CustomLLM):
 
     def _raw(self, result: GuardrailResult) -> dict[str, Any]:
         return {
-            "guardrail": _decision(result),
+            "guardrail": result.decision(),
             "finish_reason": result.finish_reason,
             "usage": {
                 "prompt_tokens": result.usage.input_tokens,
@@ -184,7 +184,7 @@ class MarsGuardrailLLM(CustomLLM):
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
             raw=self._raw(result),
-            additional_kwargs={"guardrail": _decision(result)},
+            additional_kwargs={"guardrail": result.decision()},
         )
 
     def _events(self, events: list[GuardrailEvent]) -> None:
@@ -317,24 +317,4 @@ def _completion(response: ChatResponse) -> CompletionResponse:
         delta=response.delta,
         raw=response.raw,
         additional_kwargs=dict(response.additional_kwargs),
-    )
-
-
-def _decision(result: GuardrailResult) -> dict[str, Any]:
-    return result.model_dump(
-        mode="json",
-        include={
-            "request_id",
-            "score",
-            "strength",
-            "intervened",
-            "refused",
-            "layer",
-            "policy_name",
-            "policy_version",
-            "mode",
-            "modalities",
-            "latency_s",
-            "error",
-        },
     )
