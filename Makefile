@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck venv clean
+.PHONY: demo test claims bench lint typecheck venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests integrations/langchain/tests integrations/llamaindex/tests
+
+claims: $(STAMP)
+	$(PY) benchmarks/paper_claims.py --limit 24 --max-new-tokens 16 --out benchmarks/out
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py --model organism --policy policies/organism/1.0.0 --prompts 24 --repeats 3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check guardrail tests
