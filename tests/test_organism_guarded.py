@@ -21,10 +21,12 @@ def report():
 
     model, processor = organism.load()
     guard = Guardrail(model, processor, POLICY)
+    from guardrail.organism.measure import spread
+
     items = (
-        load_prompts("harmful", split="test")[:N]
-        + load_prompts("harmless", split="test", exclude_category="near_miss")[:N]
-        + load_prompts("harmless", split="test", category="near_miss")[:N]
+        spread(load_prompts("harmful", split="test"), N)
+        + spread(load_prompts("harmless", split="test", exclude_category="near_miss"), N)
+        + spread(load_prompts("harmless", split="test", category="near_miss"), N)
     )
     result = evaluate(guard, items, modalities=("text", "image", "video"), renderer=OrganismRenderer(),
                       max_new_tokens=24, batch_size=8)
