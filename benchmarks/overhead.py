@@ -12,7 +12,10 @@ Sections (each prints a table of medians and ratios, targets and whether met):
    a naive ``output_hidden_states=True`` loop; peak memory for 100 vs 1,000 prompts.
 4. policy operations: bundle load+verify time, bundle size, model reload time.
 
-Runs are interleaved (plain, enforce, shadow, ... in rotating order) after warm-up.
+Generation is timed in per-request pairs: for each request (or batch) the plain and
+guarded runs go back to back in rotating order, and the median of the per-pair ratios
+is reported with its interquartile range. Calibration runs are interleaved whole
+passes. Everything runs after warm-up.
 
     python benchmarks/overhead.py --model organism --policy policies/organism/1.0.0
     python benchmarks/overhead.py --model tiny-llava --quick
@@ -81,6 +84,33 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
     return times
 
 
+def paired(
+    fns: dict[str, Callable[[Any], Any]], items: list[Any], repeats: int
+) -> dict[str, list[float]]:
+    """Per-request pairs: for every item and repeat, each function runs once on that item,
+    back to back in rotating order; returns, per function, the ratios of its time to the
+    first function's time on the same item in the same round.
+
+    Pairing keeps slow drift of a shared machine (other load, clock changes) out of the
+    ratios: both sides of a ratio ran within a second or two of each other."""
+    names = list(fns)
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    k = 0
+    for _ in range(repeats):
+        for item in items:
+            order = names[k % len(names) :] + names[: k % len(names)]
+            k += 1
+            t = {name: timed(lambda name=name, item=item: fns[name](item)) for name in order}
+            for name in names[1:]:
+                ratios[name].append(t[name] / t[names[0]])
+    return ratios
+
+
+def spread_note(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return f"{len(values)} pairs, IQR {q[0]:.3f}-{q[2]:.3f}"
+
+
 def conversations(n: int, renderer: Any) -> list[Any]:
     prompts = [p.prompt for p in load_prompts("harmless", split="test")[: n // 2]]
     prompts += [p.prompt for p in load_prompts("harmful", split="test")[: n - len(prompts)]]
@@ -102,12 +132,15 @@ def plain_generate(adapter: ModelAdapter, convs: list[Any], new_tokens: int, **k
     return adapter.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def row(name: str, value: float, target: float | None = None, higher_is_better: bool = False) -> str:
+def row(name: str, value: float, target: float | None = None, higher_is_better: bool = False,
+        note: str = "") -> str:
     if target is None:
         verdict = ""
     else:
         ok = value >= target if higher_is_better else value <= target
         verdict = f"target {'>=' if higher_is_better else '<='} {target:g}: {'MET' if ok else 'NOT MET'}"
+    if note:
+        verdict = f"{verdict} ({note})" if verdict else f"({note})"
     return f"| {name:48s} | {value:10.4f} | {verdict:24s} |"
 
 
@@ -115,39 +148,42 @@ def section_generation(guard: Guardrail, convs: list[Any], args: argparse.Namesp
     adapter = guard.adapter
     n = args.new_tokens
     results: dict[str, float] = {}
-    print("## 1. generation overhead (medians of interleaved runs)")
+    print("## 1. generation overhead (medians of per-request interleaved pairs)")
     print(f"| {'measure':48s} | {'value':>10s} | {'':24s} |\n|---|---:|---|")
     for batch in (1, 8):
         groups = [convs[i : i + batch] for i in range(0, len(convs), batch)][: max(1, args.prompts // batch)]
-        fns = {
-            "plain": lambda groups=groups: [plain_generate(adapter, g, n) for g in groups],
-            "enforce": lambda groups=groups: [guard.generate(g, mode="enforce", max_new_tokens=n, min_new_tokens=n) for g in groups],
-            "shadow": lambda groups=groups: [guard.generate(g, mode="shadow", max_new_tokens=n, min_new_tokens=n) for g in groups],
+        fns: dict[str, Callable[[Any], Any]] = {
+            "plain": lambda g: plain_generate(adapter, g, n),
+            "enforce": lambda g: guard.generate(g, mode="enforce", max_new_tokens=n, min_new_tokens=n),
+            "shadow": lambda g: guard.generate(g, mode="shadow", max_new_tokens=n, min_new_tokens=n),
         }
-        interleaved(fns, 1)  # warm-up
-        t = interleaved(fns, args.repeats)
-        med = {k: statistics.median(v) for k, v in t.items()}
-        tokens = n * sum(len(g) for g in groups)
+        paired(fns, groups[:2], 1)  # warm-up
+        start = time.perf_counter()
+        ratios = paired(fns, groups, args.repeats)
+        elapsed = time.perf_counter() - start
         for mode in ("enforce", "shadow"):
-            ratio = med[mode] / med["plain"]
+            ratio = statistics.median(ratios[mode])
             if batch == 1:
                 results[f"latency_b1_{mode}"] = ratio
-                print(row(f"batch 1 latency ratio {mode}/plain", ratio, TARGETS["latency_b1"]))
+                print(row(f"batch 1 latency ratio {mode}/plain", ratio, TARGETS["latency_b1"],
+                          note=spread_note(ratios[mode])))
             else:
-                loss = 1 - (tokens / med[mode]) / (tokens / med["plain"])
+                loss = 1 - 1 / ratio  # throughput is tokens / time, the same tokens on both sides
                 results[f"throughput_loss_b8_{mode}"] = loss
-                print(row(f"batch 8 throughput loss {mode} vs plain", loss, TARGETS["throughput_loss_b8"]))
-        print(row(f"batch {batch} plain tokens/s", tokens / med["plain"]))
+                print(row(f"batch 8 throughput loss {mode} vs plain", loss, TARGETS["throughput_loss_b8"],
+                          note=spread_note(ratios[mode])))
+        tokens = n * sum(len(g) for g in groups) * args.repeats * 3
+        print(row(f"batch {batch} tokens/s, all modes", tokens / elapsed))
     # time to first token: prefill + one token
-    first = {
-        "plain": lambda: [plain_generate(adapter, [c], 1) for c in convs[: args.prompts]],
-        "enforce": lambda: [guard.generate(c, max_new_tokens=1) for c in convs[: args.prompts]],
+    first: dict[str, Callable[[Any], Any]] = {
+        "plain": lambda c: plain_generate(adapter, [c], 1),
+        "enforce": lambda c: guard.generate(c, max_new_tokens=1),
     }
-    interleaved(first, 1)
-    t = interleaved(first, args.repeats)
-    ttft = statistics.median(t["enforce"]) / statistics.median(t["plain"])
-    results["ttft"] = ttft
-    print(row("time-to-first-token ratio enforce/plain", ttft, TARGETS["ttft"]))
+    paired(first, convs[:2], 1)
+    ratios = paired(first, convs[: args.prompts], args.repeats)
+    results["ttft"] = statistics.median(ratios["enforce"])
+    print(row("time-to-first-token ratio enforce/plain", results["ttft"], TARGETS["ttft"],
+              note=spread_note(ratios["enforce"])))
     # streaming
     from transformers import TextIteratorStreamer
 
@@ -164,14 +200,15 @@ def section_generation(guard: Guardrail, convs: list[Any], args: argparse.Namesp
             pass
         worker.join()
 
-    streams = {
-        "plain": lambda: [plain_stream(c) for c in convs[:4]],
-        "enforce": lambda: [list(guard.stream(c, max_new_tokens=n, min_new_tokens=n)) for c in convs[:4]],
+    streams: dict[str, Callable[[Any], Any]] = {
+        "plain": plain_stream,
+        "enforce": lambda c: list(guard.stream(c, max_new_tokens=n, min_new_tokens=n)),
     }
-    interleaved(streams, 1)
-    t = interleaved(streams, args.repeats)
-    results["stream"] = statistics.median(t["enforce"]) / statistics.median(t["plain"])
-    print(row("streaming latency ratio enforce/plain", results["stream"], TARGETS["latency_b1"]))
+    paired(streams, convs[:2], 1)
+    ratios = paired(streams, convs[: max(4, args.prompts // 3)], args.repeats)
+    results["stream"] = statistics.median(ratios["enforce"])
+    print(row("streaming latency ratio enforce/plain", results["stream"], TARGETS["latency_b1"],
+              note=spread_note(ratios["enforce"])))
     print()
     return results
 
@@ -200,19 +237,18 @@ def section_classifier(guard: Guardrail, convs: list[Any], args: argparse.Namesp
         out = plain_generate(adapter, [conv], n)[0]
         moderate(conv, out)
 
-    batch = convs[: args.prompts]
-    fns = {
-        "mars": lambda: [guard.generate(c, max_new_tokens=n, min_new_tokens=n) for c in batch],
-        "classifier_in": lambda: [guarded_input(c) for c in batch],
-        "classifier_in_out": lambda: [guarded_both(c) for c in batch],
+    fns: dict[str, Callable[[Any], Any]] = {
+        "mars": lambda c: guard.generate(c, max_new_tokens=n, min_new_tokens=n),
+        "classifier_in": guarded_input,
+        "classifier_in_out": guarded_both,
     }
-    interleaved(fns, 1)
-    t = interleaved(fns, args.repeats)
-    med = {k: statistics.median(v) for k, v in t.items()}
+    paired(fns, convs[:2], 1)
+    ratios = paired(fns, convs[: args.prompts], args.repeats)
     print("## 2. against a classifier guard (the same model as moderator, batch 1)")
     print(f"| {'measure':48s} | {'value':>10s} | {'':24s} |\n|---|---:|---|")
-    print(row("MARS / classifier guard (input only)", med["mars"] / med["classifier_in"]))
-    print(row("MARS / classifier guard (input and output)", med["mars"] / med["classifier_in_out"]))
+    for key, label in (("classifier_in", "input only"), ("classifier_in_out", "input and output")):
+        inverse = [1 / r for r in ratios[key]]
+        print(row(f"MARS / classifier guard ({label})", statistics.median(inverse), note=spread_note(inverse)))
     print()
 
 
