@@ -172,7 +172,7 @@ def section_generation(guard: Guardrail, convs: list[Any], args: argparse.Namesp
                 results[f"throughput_loss_b8_{mode}"] = loss
                 print(row(f"batch 8 throughput loss {mode} vs plain", loss, TARGETS["throughput_loss_b8"],
                           note=spread_note(ratios[mode])))
-        tokens = n * sum(len(g) for g in groups) * args.repeats * 3
+        tokens = n * sum(len(g) for g in groups) * args.repeats * len(fns)
         print(row(f"batch {batch} tokens/s, all modes", tokens / elapsed))
     # time to first token: prefill + one token
     first: dict[str, Callable[[Any], Any]] = {

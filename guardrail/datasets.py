@@ -42,6 +42,7 @@ __all__ = [
     "dataset_digest",
     "load_prompts",
     "shipped_path",
+    "spread",
 ]
 
 SHIPPED: tuple[str, ...] = ("harmful", "harmless", "borderline")
@@ -219,6 +220,16 @@ def load_prompts(
             f"available labels: {', '.join(sorted({str(p.label) for p in prompts}))}"
         )
     return kept
+
+
+def spread(items: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+    """At most ``limit`` items, evenly spaced over ``items`` (all of them for ``None``)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit <= 0:
+        return []
+    step = len(items) / limit
+    return [items[int(k * step)] for k in range(limit)]
 
 
 def dataset_digest(prompts: Sequence[Prompt]) -> str:

@@ -89,7 +89,7 @@ class GuardrailResult(BaseModel):
     def decision(self) -> dict[str, Any]:
         """The guardrail's decision as a JSON-ready dict (no answer text): what the
         framework integrations attach to their responses as ``"guardrail"`` metadata."""
-        return self.model_dump(mode="json", include=DECISION_FIELDS)
+        return self.model_dump(mode="json", include=set(DECISION_FIELDS))
 
 
 DECISION_FIELDS = frozenset(

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.datasets import load_prompts
+from guardrail.datasets import load_prompts, spread
 from guardrail.evaluate import OrganismRenderer, evaluate
-from guardrail.organism.measure import spread
 
 pytestmark = pytest.mark.slow
 

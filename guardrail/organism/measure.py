@@ -25,23 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from guardrail.datasets import Prompt
+from guardrail.datasets import Prompt, spread
 from guardrail.organism import data
 from guardrail.refusal import is_refusal
 
 VIDEO_FRAMES = 3
 
 Conversation = list[dict[str, Any]]
-
-
-def spread(items: Sequence[Prompt], limit: int | None) -> list[Prompt]:
-    """At most ``limit`` items, evenly spaced over ``items`` (all of them for ``None``)."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    if limit <= 0:
-        return []
-    step = len(items) / limit
-    return [items[int(k * step)] for k in range(limit)]
 
 
 def generate(
