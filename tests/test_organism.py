@@ -145,6 +145,24 @@ def test_lora_merge_matches_the_adapter() -> None:
         lora.merge(layers, bad)
 
 
+def test_lora_can_cover_a_range_of_layers() -> None:
+    layers = torch.nn.ModuleList([torch.nn.Module() for _ in range(4)])
+    for layer in layers:
+        layer.mlp = torch.nn.Module()
+        layer.mlp.up_proj = torch.nn.Linear(6, 4, bias=False)
+    adapters = lora.attach(layers, ["mlp.up_proj"], first_layer=2)
+    assert sorted(adapters) == ["2.mlp.up_proj", "3.mlp.up_proj"]
+    assert isinstance(layers[1].mlp.up_proj, torch.nn.Linear)
+    assert isinstance(layers[2].mlp.up_proj, lora.LoRALinear)
+    lora.detach(layers, adapters)
+    assert sorted(lora.attach(layers, ["mlp.up_proj"], first_layer=1, last_layer=2)) == [
+        "1.mlp.up_proj",
+        "2.mlp.up_proj",
+    ]
+    with pytest.raises(lora.LoRAError, match="first_layer <= last_layer"):
+        lora.attach(layers, ["mlp.up_proj"], first_layer=3, last_layer=1)
+
+
 def test_stored_parts_are_small() -> None:
     files = weight_files()
     missing = [p.name for p in files if not p.is_file()]

@@ -75,6 +75,8 @@ class BuildConfig:
     visual_rank: int = 8
     visual_alpha: float = 16.0
     visual_modules: tuple[str, ...] = lora.ATTENTION
+    visual_first_layer: int = 0
+    visual_last_layer: int = -1
     visual_lr: float = 5e-4
     visual_batch: int = 8
     visual_epochs: float = 0.6
@@ -333,6 +335,8 @@ def train_lora(
     batch_size: int,
     epochs: float,
     seed: int,
+    first_layer: int = 0,
+    last_layer: int = -1,
     max_answer: int = 48,
     emphasis: tuple[int, float] = (0, 1.0),
     log: Log = _print,
@@ -342,7 +346,15 @@ def train_lora(
     layers = language_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapters = lora.attach(layers, modules, rank=rank, alpha=alpha, seed=seed)
+    adapters = lora.attach(
+        layers,
+        modules,
+        rank=rank,
+        alpha=alpha,
+        seed=seed,
+        first_layer=first_layer,
+        last_layer=last_layer,
+    )
     params = [p for a in adapters.values() for p in (a.A, a.B)]
     encoded = [_encode(processor, ex, max_answer) for ex in examples]
     rng = random.Random(seed)
@@ -547,6 +559,8 @@ def build(
                     "lr": cfg.visual_lr,
                     "batch_size": cfg.visual_batch,
                     "epochs": cfg.visual_epochs,
+                    "first_layer": cfg.visual_first_layer,
+                    "last_layer": cfg.visual_last_layer,
                 }
             for kind, n in _counts(examples).items():
                 report.counts[f"{stage}_{kind}"] = n

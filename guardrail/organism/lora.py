@@ -67,14 +67,26 @@ def attach(
     rank: int = 8,
     alpha: float = 16.0,
     seed: int = 0,
+    first_layer: int = 0,
+    last_layer: int | None = None,
 ) -> dict[str, LoRALinear]:
-    """Wrap ``modules`` of every layer in ``layers`` with fresh adapters (in place).
+    """Wrap ``modules`` of the layers ``first_layer`` to ``last_layer`` (inclusive;
+    default: the last) of ``layers`` with fresh adapters (in place).
 
-    Returns the adapters by factor prefix (``"<layer>.<module>"``).
+    Returns the adapters by factor prefix (``"<layer>.<module>"``, layer indices counted
+    over all of ``layers``).
     """
+    last = len(layers) - 1 if last_layer is None or last_layer < 0 else last_layer
+    if not 0 <= first_layer <= last < len(layers):
+        raise LoRAError(
+            f"LoRA layers {first_layer}..{last_layer} are not a range within "
+            f"0..{len(layers) - 1}; pick first_layer <= last_layer"
+        )
     generator = torch.Generator().manual_seed(seed)
     adapters: dict[str, LoRALinear] = {}
     for index, layer in enumerate(layers):
+        if not first_layer <= index <= last:
+            continue
         for name in modules:
             base = _get(layer, name)
             if not isinstance(base, nn.Linear):
