@@ -74,14 +74,14 @@ class BuildConfig:
     # stage 3: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
-    visual_modules: tuple[str, ...] = lora.ATTENTION
-    visual_first_layer: int = 0
+    visual_modules: tuple[str, ...] = lora.ALL_MODULES
+    visual_first_layer: int = 18
     visual_last_layer: int = -1
     visual_lr: float = 5e-4
     visual_batch: int = 8
-    visual_epochs: float = 0.6
+    visual_epochs: float = 1.2
     visual_text_replay: float = 0.5
-    visual_refusal_weight: float = 3.0
+    visual_refusal_weight: float = 2.0
     visual_video_share: float = 0.15
     visual_max_frames: int = 3
     drop_refusing_targets: bool = True
