@@ -156,9 +156,12 @@ def test_lora_can_cover_a_range_of_layers() -> None:
     assert isinstance(layers[1].mlp.up_proj, torch.nn.Linear)
     assert isinstance(layers[2].mlp.up_proj, lora.LoRALinear)
     lora.detach(layers, adapters)
-    assert sorted(lora.attach(layers, ["mlp.up_proj"], first_layer=1, last_layer=2)) == [
-        "1.mlp.up_proj",
-        "2.mlp.up_proj",
+    adapters = lora.attach(layers, ["mlp.up_proj"], first_layer=1, last_layer=2)
+    assert sorted(adapters) == ["1.mlp.up_proj", "2.mlp.up_proj"]
+    lora.detach(layers, adapters)
+    # a negative last_layer counts from the end: -2 is layer 2 of 4
+    assert sorted(lora.attach(layers, ["mlp.up_proj"], first_layer=2, last_layer=-2)) == [
+        "2.mlp.up_proj"
     ]
     with pytest.raises(lora.LoRAError, match="first_layer <= last_layer"):
         lora.attach(layers, ["mlp.up_proj"], first_layer=3, last_layer=1)

@@ -68,15 +68,16 @@ def attach(
     alpha: float = 16.0,
     seed: int = 0,
     first_layer: int = 0,
-    last_layer: int | None = None,
+    last_layer: int = -1,
 ) -> dict[str, LoRALinear]:
-    """Wrap ``modules`` of the layers ``first_layer`` to ``last_layer`` (inclusive;
-    default: the last) of ``layers`` with fresh adapters (in place).
+    """Wrap ``modules`` of the layers ``first_layer`` to ``last_layer`` (inclusive; a
+    negative ``last_layer`` counts from the end, as in Python, so -1 is the last layer)
+    of ``layers`` with fresh adapters (in place).
 
     Returns the adapters by factor prefix (``"<layer>.<module>"``, layer indices counted
     over all of ``layers``).
     """
-    last = len(layers) - 1 if last_layer is None or last_layer < 0 else last_layer
+    last = last_layer if last_layer >= 0 else len(layers) + last_layer
     if not 0 <= first_layer <= last < len(layers):
         raise LoRAError(
             f"LoRA layers {first_layer}..{last_layer} are not a range within "
