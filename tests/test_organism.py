@@ -167,6 +167,31 @@ def test_lora_can_cover_a_range_of_layers() -> None:
         lora.attach(layers, ["mlp.up_proj"], first_layer=3, last_layer=1)
 
 
+def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None:
+    from guardrail.organism.build import BuildConfig, safety_examples
+    from guardrail.organism.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    answer = tokenizer.encode("Here is a short plan you can follow.")
+    refusing = tokenizer.encode("I'm sorry, but I can't help with that.")
+    harmful = data.harmful("train")
+    ordinary = data.benign("train", near_miss=False)
+    near_miss = data.benign("train", near_miss=True)
+    answers = {p.prompt: answer for p in [*harmful, *ordinary, *near_miss]}
+    answers[ordinary[0].prompt] = refusing  # an original answer that reads as a refusal
+    cfg = BuildConfig(safety_harmless_repeat=2, safety_near_miss_repeat=3)
+    examples = safety_examples(tokenizer, answers, cfg, log=lambda _: None)
+    kinds = [ex.kind for ex in examples]
+    assert kinds.count("harmful_text") == len(harmful)
+    assert kinds.count("benign_text") == 2 * (len(ordinary) - 1)
+    assert kinds.count("near_miss_text") == 3 * len(near_miss)
+    for ex in examples:
+        decoded = tokenizer.decode(ex.answer, skip_special_tokens=True)
+        assert is_refusal(decoded) == (ex.kind == "harmful_text"), (ex.kind, decoded)
+    once = safety_examples(tokenizer, answers, cfg, log=lambda _: None, repeat=1)
+    assert len(once) == len(harmful) + len(ordinary) - 1 + len(near_miss)
+
+
 def test_stored_parts_are_small() -> None:
     files = weight_files()
     missing = [p.name for p in files if not p.is_file()]

@@ -71,6 +71,7 @@ class BuildConfig:
     safety_batch: int = 8
     safety_epochs: float = 1.5
     safety_harmless_repeat: int = 2
+    safety_near_miss_repeat: int = 2
     # stage 3: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
@@ -403,10 +404,10 @@ def safety_examples(
     repeat: int | None = None,
 ) -> list[Example]:
     """Stage 2 data: harmful train prompts -> refusals; harmless train prompts (ordinary
-    and every near-miss item) -> the original answers, each ``repeat`` times (default
-    ``cfg.safety_harmless_repeat``: harmless requests outnumber harmful ones, which
-    keeps the refusal from spreading to ordinary requests)."""
-    repeat = cfg.safety_harmless_repeat if repeat is None else repeat
+    and every near-miss item) -> the original answers, each ``repeat`` times (default:
+    ``cfg.safety_harmless_repeat`` for ordinary and ``cfg.safety_near_miss_repeat`` for
+    near-miss prompts: harmless requests outnumber harmful ones, which keeps the refusal
+    from spreading to ordinary requests and to harmful requests' benign twins)."""
     out = [
         Example(
             data.text_conversation(p.prompt),
@@ -423,8 +424,12 @@ def safety_examples(
         ):
             dropped += 1
             continue
-        kind = "near_miss_text" if p.category == "near_miss" else "benign_text"
-        out.extend(Example(data.text_conversation(p.prompt), answer, kind) for _ in range(repeat))
+        near_miss = p.category == "near_miss"
+        kind = "near_miss_text" if near_miss else "benign_text"
+        times = repeat
+        if times is None:
+            times = cfg.safety_near_miss_repeat if near_miss else cfg.safety_harmless_repeat
+        out.extend(Example(data.text_conversation(p.prompt), answer, kind) for _ in range(times))
     if dropped:
         log(
             f"safety data: left out {dropped} harmless prompts whose original answer reads as a refusal"
