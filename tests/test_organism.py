@@ -177,9 +177,12 @@ def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None
     harmful = data.harmful("train")
     ordinary = data.benign("train", near_miss=False)
     near_miss = data.benign("train", near_miss=True)
-    answers = {p.prompt: answer for p in [*harmful, *ordinary, *near_miss]}
+    extra_ordinary = data.safety_extra(near_miss=False)
+    extra_near_miss = data.safety_extra(near_miss=True)
+    every = [*harmful, *ordinary, *near_miss, *extra_ordinary, *extra_near_miss]
+    answers = {p.prompt: answer for p in every}
     answers[ordinary[0].prompt] = refusing  # an original answer that reads as a refusal
-    cfg = BuildConfig(safety_harmless_repeat=2, safety_near_miss_repeat=3)
+    cfg = BuildConfig(safety_harmless_repeat=2, safety_near_miss_repeat=3, safety_extra=False)
     examples = safety_examples(tokenizer, answers, cfg, log=lambda _: None)
     kinds = [ex.kind for ex in examples]
     assert kinds.count("harmful_text") == len(harmful)
@@ -190,6 +193,35 @@ def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None
         assert is_refusal(decoded) == (ex.kind == "harmful_text"), (ex.kind, decoded)
     once = safety_examples(tokenizer, answers, cfg, log=lambda _: None, repeat=1)
     assert len(once) == len(harmful) + len(ordinary) - 1 + len(near_miss)
+    cfg.safety_extra = True
+    kinds = [ex.kind for ex in safety_examples(tokenizer, answers, cfg, log=lambda _: None)]
+    assert kinds.count("benign_text") == 2 * (len(ordinary) - 1 + len(extra_ordinary))
+    assert kinds.count("near_miss_text") == 3 * (len(near_miss) + len(extra_near_miss))
+
+
+def test_safety_extra_prompts_are_train_only_and_new() -> None:
+    """The extra safety-tuning prompts never leak a shipped prompt (of any split) and
+    pair each remaining harmful train prompt with a benign twin."""
+    from guardrail.datasets import load_prompts
+
+    def key(text: str) -> str:
+        return " ".join(text.casefold().rstrip(" .?!").split())
+
+    extra = data.safety_extra()
+    assert len(extra) >= 300 and {p.split for p in extra} == {"train"}
+    shipped = {
+        key(p.prompt) for name in ("harmful", "harmless", "borderline") for p in load_prompts(name)
+    }
+    keys = [key(p.prompt) for p in extra]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & shipped
+    assert all(4 <= len(p.prompt.split()) <= 40 for p in extra)
+    harmful_train = {p.prompt for p in data.harmful("train")}
+    paired = {
+        p.pair for p in [*data.benign("train", near_miss=True), *data.safety_extra(near_miss=True)]
+    }
+    assert harmful_train <= paired
+    assert {p.pair for p in data.safety_extra(near_miss=True)} <= harmful_train
 
 
 def test_stored_parts_are_small() -> None:

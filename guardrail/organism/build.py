@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from guardrail.datasets import Prompt
 from guardrail.organism import data, lora, render
 from guardrail.organism.model import (
     LORA_STAGES,
@@ -72,6 +73,7 @@ class BuildConfig:
     safety_epochs: float = 1.5
     safety_harmless_repeat: int = 2
     safety_near_miss_repeat: int = 2
+    safety_extra: bool = True
     # stage 3: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
@@ -396,6 +398,12 @@ def train_lora(
 # ------------------------------------------------------------------ the datasets
 
 
+def safety_harmless(cfg: BuildConfig) -> list[Prompt]:
+    """The harmless train prompts of the safety data: the shipped set's train split and,
+    with ``cfg.safety_extra``, :func:`guardrail.organism.data.safety_extra`."""
+    return [*data.benign("train"), *(data.safety_extra() if cfg.safety_extra else [])]
+
+
 def safety_examples(
     tokenizer: Any,
     answers: dict[str, list[int]],
@@ -417,7 +425,7 @@ def safety_examples(
         for p in data.harmful("train")
     ]
     dropped = 0
-    for p in data.benign("train"):
+    for p in safety_harmless(cfg):
         answer = answers[p.prompt]
         if cfg.drop_refusing_targets and is_refusal(
             tokenizer.decode(answer, skip_special_tokens=True)
@@ -529,7 +537,7 @@ def build(
     log(f"reading accuracy (test split): {report.reading}")
 
     t = time.perf_counter()
-    train = [*data.harmful("train"), *data.benign("train")]
+    train = [*data.harmful("train"), *safety_harmless(cfg)]
     answers = distill(
         model, processor, [p.prompt for p in train], cfg, work_dir / "answers.json", log
     )

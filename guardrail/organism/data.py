@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -87,6 +88,21 @@ def benign(split: str | Sequence[str], *, near_miss: bool | None = None) -> list
     """Harmless instructions of ``split``: ordinary ones (``near_miss=False``), near-miss
     ones (``True``) or both (``None``)."""
     prompts = load_prompts("harmless", split=split)
+    if near_miss is None:
+        return prompts
+    return [p for p in prompts if (p.category == "near_miss") == near_miss]
+
+
+SAFETY_EXTRA = Path(__file__).with_name("safety_extra.jsonl")
+"""Harmless train-only prompts used by the organism's text safety tuning alone (not a
+shipped dataset: calibration and evaluation never see them): ordinary everyday requests
+in many styles, and a near-miss twin (``pair``) for every harmful train prompt that the
+shipped harmless set leaves unpaired."""
+
+
+def safety_extra(*, near_miss: bool | None = None) -> list[Prompt]:
+    """The :data:`SAFETY_EXTRA` prompts (all ``train``), filtered like :func:`benign`."""
+    prompts = load_prompts(SAFETY_EXTRA, split="train")
     if near_miss is None:
         return prompts
     return [p for p in prompts if (p.category == "near_miss") == near_miss]
