@@ -194,7 +194,9 @@ def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None
     once = safety_examples(tokenizer, answers, cfg, log=lambda _: None, repeat=1)
     assert len(once) == len(harmful) + len(ordinary) - 1 + len(near_miss)
     cfg.safety_extra = True
+    cfg.safety_harmful_repeat = 2
     kinds = [ex.kind for ex in safety_examples(tokenizer, answers, cfg, log=lambda _: None)]
+    assert kinds.count("harmful_text") == 2 * len(harmful)
     assert kinds.count("benign_text") == 2 * (len(ordinary) - 1 + len(extra_ordinary))
     assert kinds.count("near_miss_text") == 3 * (len(near_miss) + len(extra_near_miss))
 

@@ -71,6 +71,7 @@ class BuildConfig:
     safety_lr: float = 1e-3
     safety_batch: int = 8
     safety_epochs: float = 1.5
+    safety_harmful_repeat: int = 1
     safety_harmless_repeat: int = 2
     safety_near_miss_repeat: int = 2
     safety_extra: bool = True
@@ -411,11 +412,13 @@ def safety_examples(
     log: Log = _print,
     repeat: int | None = None,
 ) -> list[Example]:
-    """Stage 2 data: harmful train prompts -> refusals; harmless train prompts (ordinary
-    and every near-miss item) -> the original answers, each ``repeat`` times (default:
-    ``cfg.safety_harmless_repeat`` for ordinary and ``cfg.safety_near_miss_repeat`` for
-    near-miss prompts: harmless requests outnumber harmful ones, which keeps the refusal
-    from spreading to ordinary requests and to harmful requests' benign twins)."""
+    """Stage 2 data: harmful train prompts -> refusals; harmless train prompts
+    (:func:`safety_harmless`: ordinary and near-miss) -> the original answers.
+
+    Each prompt appears ``repeat`` times, or by default ``cfg.safety_harmful_repeat``,
+    ``cfg.safety_harmless_repeat`` (ordinary) and ``cfg.safety_near_miss_repeat``
+    times: the balance decides whether refusal spreads to ordinary requests and to
+    harmful requests' benign twins, or fails to reach unseen harmful ones."""
     out = [
         Example(
             data.text_conversation(p.prompt),
@@ -423,6 +426,7 @@ def safety_examples(
             "harmful_text",
         )
         for p in data.harmful("train")
+        for _ in range(cfg.safety_harmful_repeat if repeat is None else repeat)
     ]
     dropped = 0
     for p in safety_harmless(cfg):
