@@ -71,9 +71,9 @@ class BuildConfig:
     safety_lr: float = 1e-3
     safety_batch: int = 8
     safety_epochs: float = 1.5
-    safety_harmful_repeat: int = 1
-    safety_harmless_repeat: int = 2
-    safety_near_miss_repeat: int = 2
+    safety_harmful_repeat: int = 2
+    safety_harmless_repeat: int = 1
+    safety_near_miss_repeat: int = 1
     safety_extra: bool = True
     # stage 3: visual instruction LoRA
     visual_rank: int = 8
