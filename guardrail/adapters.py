@@ -150,7 +150,9 @@ class ModelAdapter:
             )
         self.spec = spec
         self.layers = self._find_layers()
-        config = model.config if spec.text_config is None else getattr(model.config, spec.text_config)
+        config = (
+            model.config if spec.text_config is None else getattr(model.config, spec.text_config)
+        )
         self.text_config = config
         self.hidden_size = int(config.hidden_size)
         self.num_layers = len(self.layers)
@@ -201,7 +203,9 @@ class ModelAdapter:
                     "content": [
                         q
                         for p in m["content"]
-                        for q in ([{"type": "image"}] * next(frames) if p["type"] == "video" else [p])
+                        for q in (
+                            [{"type": "image"}] * next(frames) if p["type"] == "video" else [p]
+                        )
                     ],
                 }
                 for m in conv.messages
@@ -213,7 +217,9 @@ class ModelAdapter:
                 messages, add_generation_prompt=True, tokenize=False
             )
         except (ValueError, TypeError) as exc:
-            raise InputError(f"the chat template of {type(self.model).__name__} rejected the messages: {exc}") from exc
+            raise InputError(
+                f"the chat template of {type(self.model).__name__} rejected the messages: {exc}"
+            ) from exc
         return text if isinstance(text, str) else text[0]
 
     def build_inputs(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
@@ -242,7 +248,9 @@ class ModelAdapter:
             try:
                 batch = self.processor(**call)
             except (ValueError, TypeError, IndexError) as exc:
-                raise InputError(f"{type(self.processor).__name__} could not process the input: {exc}") from exc
+                raise InputError(
+                    f"{type(self.processor).__name__} could not process the input: {exc}"
+                ) from exc
         batch = dict(batch)
         length = int(batch["input_ids"].shape[1])
         if self.max_positions and length > self.max_positions:
@@ -276,8 +284,14 @@ class ModelAdapter:
     def config_hash(self) -> str:
         """A hash of the language model's shape-defining configuration."""
         keys = (
-            "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "intermediate_size", "vocab_size", "head_dim",
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "head_dim",
         )
         data = {k: getattr(self.text_config, k, None) for k in keys}
         blob = json.dumps(data, sort_keys=True, default=str).encode()

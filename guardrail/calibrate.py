@@ -97,7 +97,10 @@ class _Set:
             content: Any = prompt
         else:
             rng = random.Random(f"{self.media.seed}:{self.split}:{self.modality}:{index}")
-            content = [neutral_media(self.modality, rng, self.media), {"type": "text", "text": prompt}]
+            content = [
+                neutral_media(self.modality, rng, self.media),
+                {"type": "text", "text": prompt},
+            ]
         return parse_conversation([{"role": "user", "content": content}])
 
     def __iter__(self) -> Iterator[Conversation]:
@@ -137,7 +140,9 @@ def collect_last_position(
 
     try:
         for index in sorted(set(layers)):
-            handles.append(adapter.layers[index].register_forward_pre_hook(make(index), with_kwargs=True))
+            handles.append(
+                adapter.layers[index].register_forward_pre_hook(make(index), with_kwargs=True)
+            )
         with torch.no_grad():
             adapter.model(**inputs, use_cache=False)
     except _StopForward:
@@ -339,7 +344,11 @@ def calibrate(
             f"{type(model).__name__} does not support {sorted(unsupported)}; calibrate for "
             f"{sorted(adapter.modalities) or 'text only'}"
         )
-    cands = sorted(set(layers)) if layers is not None else candidate_layers(adapter.num_layers, targets.layer_range)
+    cands = (
+        sorted(set(layers))
+        if layers is not None
+        else candidate_layers(adapter.num_layers, targets.layer_range)
+    )
     if cands[0] < 0 or cands[-1] >= adapter.num_layers:
         raise InputError(f"candidate layers {cands} out of range for {adapter.num_layers} layers")
     rng = random.Random(seed)
@@ -366,7 +375,9 @@ def calibrate(
     t_collect = time.perf_counter() - started
 
     # 2. per-example validation activations, unguarded first-token statistics
-    val_acts = {s.name: collect_examples(adapter, s, cands, batch_size=batch_size) for s in val_sets}
+    val_acts = {
+        s.name: collect_examples(adapter, s, cands, batch_size=batch_size) for s in val_sets
+    }
     token_ids = refusal_token_ids(adapter.tokenizer)
     base = {s.name: first_token(adapter, s, token_ids, batch_size=batch_size) for s in val_sets}
     fingerprint = ModelFingerprint.of(adapter)
@@ -392,15 +403,27 @@ def calibrate(
         offset = bundle.delta(set_name) if set_name in mods else None
         if offset is not None and mode != "none":
             delta = offset.double().expand_as(acts)
-        step = mars_step(acts, u=bundle.u.double(), p_S=torch.tensor(bundle.p_S), g=torch.tensor(bundle.g),
-                         delta=delta, tau=math.inf, lam=0.0, kappa=0.0, recenter_mode=mode)
+        step = mars_step(
+            acts,
+            u=bundle.u.double(),
+            p_S=torch.tensor(bundle.p_S),
+            g=torch.tensor(bundle.g),
+            delta=delta,
+            tau=math.inf,
+            lam=0.0,
+            kappa=0.0,
+            recenter_mode=mode,
+        )
         return step.score.tolist()
 
     def gate(bundle: PolicyBundle) -> float:
         return max(quantile(val_scores(bundle, b), 1 - targets.benign_trigger_rate) for b in benign)
 
     def evaluate(bundle: PolicyBundle) -> dict[str, Any]:
-        row: dict[str, Any] = {"layer": bundle.layer, **bundle.parameters.model_dump(include={"tau", "lam", "kappa"})}
+        row: dict[str, Any] = {
+            "layer": bundle.layer,
+            **bundle.parameters.model_dump(include={"tau", "lam", "kappa"}),
+        }
         for s in val_sets:
             steered = first_token(adapter, s, token_ids, policy=bundle, batch_size=batch_size)
             row[f"gain_{s.name}"] = float((steered.logodds - base[s.name].logodds).mean())
@@ -409,7 +432,9 @@ def calibrate(
         row["benign_gain"] = max(row[f"gain_{b}"] for b in benign)
         row["benign_kl"] = max(row[f"kl_{b}"] for b in benign)
         row["feasible"] = row["benign_kl"] <= targets.kl_bound
-        row["objective"] = row["gain_harmful"] - targets.benign_penalty * max(0.0, row["benign_gain"])
+        row["objective"] = row["gain_harmful"] - targets.benign_penalty * max(
+            0.0, row["benign_gain"]
+        )
         return row
 
     # 3. layer sweep
@@ -463,7 +488,10 @@ def calibrate(
         "grid": grid,
         "chosen": {"layer": layer, "tau": tau, "lam": best["lam"], "kappa": best["kappa"]},
         "validation_scores": scores,
-        "timings_s": {"collect": round(t_collect, 3), "total": round(time.perf_counter() - started, 3)},
+        "timings_s": {
+            "collect": round(t_collect, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
     }
     return PolicyBundle(final.manifest.model_copy(update={"calibration": record}), final.tensors)
 

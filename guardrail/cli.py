@@ -28,7 +28,9 @@ def _print_json(data: Any) -> None:
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from guardrail.loading import load_model
 
-    return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    return load_model(
+        args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None)
+    )
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -48,7 +50,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         kappa_grid=tuple(float(x) for x in args.kappa_grid.split(",")),
     )
     media = NeutralMedia(
-        seed=args.seed, image_size=(args.image_size, args.image_size), video_frames=args.video_frames
+        seed=args.seed,
+        image_size=(args.image_size, args.image_size),
+        video_frames=args.video_frames,
     )
     bundle = calibrate(
         model,
@@ -97,7 +101,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     content: list[dict[str, Any]] = [{"type": "image", "image": path} for path in args.image]
     content += [{"type": "video", "video": path} for path in args.video]
     content.append({"type": "text", "text": args.prompt})
-    result = guard.generate([{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens)
+    result = guard.generate(
+        [{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens
+    )
     if args.json:
         _print_json(result.model_dump(exclude={"token_ids"}))
     else:
@@ -148,7 +154,9 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
         _print_json(data)
     else:
         for key, value in data.items():
-            print(f"{key:12s} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+            print(
+                f"{key:12s} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}"
+            )
     return EXIT_OK
 
 
@@ -207,7 +215,9 @@ def cmd_policy_keygen(args: argparse.Namespace) -> int:
     private, public = out / f"{args.key_id}.pem", out / f"{args.key_id}.pub"
     for path in (private, public):
         if path.exists():
-            raise GuardrailError(f"{path} already exists; choose another --key-id or --out (keys are never overwritten)")
+            raise GuardrailError(
+                f"{path} already exists; choose another --key-id or --out (keys are never overwritten)"
+            )
     private_pem, public_pem = generate_keypair()
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -230,7 +240,9 @@ def cmd_policy_sign(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(signature.model_dump())
     else:
-        print(f"signed {args.dir} with key {signature.key_id} (manifest {signature.manifest_digest[:19]}...)")
+        print(
+            f"signed {args.dir} with key {signature.key_id} (manifest {signature.manifest_digest[:19]}...)"
+        )
     return EXIT_OK
 
 
@@ -280,18 +292,28 @@ def cmd_rollout_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guardrail", description="MARS refusal steering for local multimodal LLMs")
+    parser = argparse.ArgumentParser(
+        prog="guardrail", description="MARS refusal steering for local multimodal LLMs"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="checkpoint directory, or 'organism' / 'smollm2'")
+        p.add_argument(
+            "--model", required=True, help="checkpoint directory, or 'organism' / 'smollm2'"
+        )
         p.add_argument("--device", default=None, help="torch device (default: CPU)")
         p.add_argument("--dtype", default=None, help="torch dtype name, e.g. bfloat16")
 
     p = sub.add_parser("calibrate", help="calibrate a policy bundle from text-only prompt sets")
     model_args(p)
-    p.add_argument("--harmful", required=True, help="harmful prompts: 'harmful' (shipped) or a JSONL/CSV/TXT file")
-    p.add_argument("--harmless", required=True, help="harmless prompts: 'harmless' (shipped) or a file")
+    p.add_argument(
+        "--harmful",
+        required=True,
+        help="harmful prompts: 'harmful' (shipped) or a JSONL/CSV/TXT file",
+    )
+    p.add_argument(
+        "--harmless", required=True, help="harmless prompts: 'harmless' (shipped) or a file"
+    )
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--name", default="policy")
     p.add_argument("--version", default="1.0.0")
@@ -301,13 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-validation", type=int, default=64)
-    p.add_argument("--trigger-rate", type=float, default=0.02, help="target benign gate trigger rate")
-    p.add_argument("--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)")
+    p.add_argument(
+        "--trigger-rate", type=float, default=0.02, help="target benign gate trigger rate"
+    )
+    p.add_argument(
+        "--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)"
+    )
     p.add_argument("--recenter", choices=["full", "projection", "none"], default="full")
     p.add_argument("--lam-grid", default="1,2,4", help="comma-separated lam values to grid")
     p.add_argument("--kappa-grid", default="0.5,1,1.5", help="comma-separated kappa values to grid")
-    p.add_argument("--image-size", type=int, default=224, help="side of the neutral calibration images")
-    p.add_argument("--video-frames", type=int, default=4, help="frames of the neutral calibration videos")
+    p.add_argument(
+        "--image-size", type=int, default=224, help="side of the neutral calibration images"
+    )
+    p.add_argument(
+        "--video-frames", type=int, default=4, help="frames of the neutral calibration videos"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
@@ -317,13 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="policy bundle directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--video", action="append", default=[], help="directory of frames or animated GIF")
+    p.add_argument(
+        "--video", action="append", default=[], help="directory of frames or animated GIF"
+    )
     p.add_argument("--mode", choices=["enforce", "shadow", "off"], default="enforce")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    policy = sub.add_parser("policy", help="inspect and verify policy bundles").add_subparsers(dest="action", required=True)
+    policy = sub.add_parser("policy", help="inspect and verify policy bundles").add_subparsers(
+        dest="action", required=True
+    )
     p = policy.add_parser("show", help="print a bundle's manifest summary")
     p.add_argument("dir")
     p.add_argument("--report", help="also write the HTML calibration report")
@@ -334,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="also check the bundle fits this model")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--trust-store", help="directory of <key_id>.pub keys; require a valid signature")
+    p.add_argument(
+        "--trust-store", help="directory of <key_id>.pub keys; require a valid signature"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_verify)
     p = policy.add_parser("diff", help="compare two bundles")
@@ -343,8 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_diff)
     p = policy.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
-    p.add_argument("--out", required=True, help="directory for <key-id>.pem (private) and <key-id>.pub")
-    p.add_argument("--key-id", required=True, help="the key's name in trust stores, e.g. release-2025")
+    p.add_argument(
+        "--out", required=True, help="directory for <key-id>.pem (private) and <key-id>.pub"
+    )
+    p.add_argument(
+        "--key-id", required=True, help="the key's name in trust stores, e.g. release-2025"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_keygen)
     p = policy.add_parser("sign", help="sign a bundle (writes signature.json beside its manifest)")
@@ -354,15 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_sign)
 
-    rollout = sub.add_parser("rollout", help="check rollout configs and report on canaries").add_subparsers(
-        dest="action", required=True
-    )
+    rollout = sub.add_parser(
+        "rollout", help="check rollout configs and report on canaries"
+    ).add_subparsers(dest="action", required=True)
     p = rollout.add_parser(
         "report", help="per-arm rates from JSON Lines events; exit 5 when a canary is flagged"
     )
     p.add_argument("events", help="JSON Lines event log (e.g. written by JsonlSink)")
-    p.add_argument("--tolerance", type=float, default=0.05, help="absolute rate difference that flags a canary")
-    p.add_argument("--alpha", type=float, default=None, help="also require a z-test p-value below this")
+    p.add_argument(
+        "--tolerance", type=float, default=0.05, help="absolute rate difference that flags a canary"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=None, help="also require a z-test p-value below this"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rollout_report)
     p = rollout.add_parser("check", help="load and verify every bundle a rollout config names")
@@ -400,4 +444,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
-

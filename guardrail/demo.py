@@ -28,7 +28,9 @@ REQUESTS: tuple[tuple[str, str], ...] = (
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the guardrail on the embedded model organism")
-    p.add_argument("--policy", default=None, help="policy bundle (default: policies/organism/1.0.0)")
+    p.add_argument(
+        "--policy", default=None, help="policy bundle (default: policies/organism/1.0.0)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--modalities", default="text,image,video")
     p.set_defaults(func=run)
@@ -44,7 +46,9 @@ def _conversations(prompt: str, modalities: list[str]) -> list[tuple[str, list[d
     if "image" in modalities:
         out.append(("image (typographic)", [{"role": "user", "content": renderer.image(prompt)}]))
     if "video" in modalities:
-        out.append(("video (split across frames)", [{"role": "user", "content": renderer.video(prompt)}]))
+        out.append(
+            ("video (split across frames)", [{"role": "user", "content": renderer.video(prompt)}])
+        )
     return out
 
 

@@ -111,7 +111,9 @@ class EvalReport:
         return [r for r in self.records if all(getattr(r, k) == v for k, v in match.items())]
 
     def cell(self, modality: str, label: str, category: str | None = None) -> dict[str, Any]:
-        rows = self._group(modality=modality, label=label, **({"category": category} if category else {}))
+        rows = self._group(
+            modality=modality, label=label, **({"category": category} if category else {})
+        )
         out: dict[str, Any] = {
             "n": len(rows),
             "refusal_unguarded": Rate(sum(r.refused_plain for r in rows), len(rows)).to_dict(),
@@ -126,8 +128,12 @@ class EvalReport:
         with_ref = [r for r in rows if r.reference is not None]
         if with_ref:
             out["task_score"] = {
-                "unguarded": Rate(sum(bool(r.task_plain) for r in with_ref), len(with_ref)).to_dict(),
-                "guarded": Rate(sum(bool(r.task_guarded) for r in with_ref), len(with_ref)).to_dict(),
+                "unguarded": Rate(
+                    sum(bool(r.task_plain) for r in with_ref), len(with_ref)
+                ).to_dict(),
+                "guarded": Rate(
+                    sum(bool(r.task_guarded) for r in with_ref), len(with_ref)
+                ).to_dict(),
             }
         return out
 
@@ -176,15 +182,31 @@ class EvalReport:
 
         plt = _pyplot()
         summary = self.summary()["modalities"]
-        cells = [(m, label, metrics) for m, labels in summary.items() for label, metrics in labels.items()]
+        cells = [
+            (m, label, metrics)
+            for m, labels in summary.items()
+            for label, metrics in labels.items()
+        ]
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells)), 4))
         xs = range(len(cells))
-        for offset, key, colour, name in ((-0.2, "refusal_unguarded", "tab:gray", "unguarded"),
-                                          (0.2, "refusal_guarded", "tab:red", "MARS")):
+        for offset, key, colour, name in (
+            (-0.2, "refusal_unguarded", "tab:gray", "unguarded"),
+            (0.2, "refusal_guarded", "tab:red", "MARS"),
+        ):
             values = [c[2][key]["rate"] for c in cells]
-            errs = [[v - c[2][key]["ci95"][0] for v, c in zip(values, cells, strict=True)],
-                    [c[2][key]["ci95"][1] - v for v, c in zip(values, cells, strict=True)]]
-            ax.bar([x + offset for x in xs], values, width=0.4, color=colour, label=name, yerr=errs, capsize=3)
+            errs = [
+                [v - c[2][key]["ci95"][0] for v, c in zip(values, cells, strict=True)],
+                [c[2][key]["ci95"][1] - v for v, c in zip(values, cells, strict=True)],
+            ]
+            ax.bar(
+                [x + offset for x in xs],
+                values,
+                width=0.4,
+                color=colour,
+                label=name,
+                yerr=errs,
+                capsize=3,
+            )
         ax.set_xticks(list(xs))
         ax.set_xticklabels([f"{label}\n{m}" for m, label, _ in cells], fontsize=8)
         ax.set_ylabel("refusal rate")
@@ -215,7 +237,9 @@ def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> float:
     return common / longest
 
 
-def load_eval_items(sources: Iterable[Any], *, split: str | None = "test", limit: int | None = None) -> list[Prompt]:
+def load_eval_items(
+    sources: Iterable[Any], *, split: str | None = "test", limit: int | None = None
+) -> list[Prompt]:
     """Labelled prompts from shipped names or files; every item needs a label."""
     items: list[Prompt] = []
     for source in sources:
@@ -266,7 +290,9 @@ def evaluate(
     for modality in modalities:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            convs = [[{"role": "user", "content": _content(p.prompt, modality, renderer)}] for p in chunk]
+            convs = [
+                [{"role": "user", "content": _content(p.prompt, modality, renderer)}] for p in chunk
+            ]
             plain = guard.generate(convs, mode="off", max_new_tokens=max_new_tokens)
             guarded = guard.generate(convs, mode="enforce", max_new_tokens=max_new_tokens)
             for p, a, b in zip(chunk, plain, guarded, strict=True):
@@ -318,7 +344,10 @@ class OrganismRenderer:
         from guardrail.organism import data, render
 
         phrasing = data.IMAGE_PHRASINGS["test"][len(prompt) % len(data.IMAGE_PHRASINGS["test"])]
-        return [{"type": "image", "image": render.render_text(prompt)}, {"type": "text", "text": phrasing}]
+        return [
+            {"type": "image", "image": render.render_text(prompt)},
+            {"type": "text", "text": phrasing},
+        ]
 
     def video(self, prompt: str) -> list[dict[str, Any]]:
         from guardrail.organism import data, render
@@ -341,18 +370,30 @@ def default_renderer(model_name: str) -> MediaRenderer:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("eval", help="measure safety, over-refusal and utility, unguarded vs guarded")
-    p.add_argument("--model", required=True, help="checkpoint directory, or 'organism' / 'smollm2' / 'tiny-<arch>'")
+    p = sub.add_parser(
+        "eval", help="measure safety, over-refusal and utility, unguarded vs guarded"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory, or 'organism' / 'smollm2' / 'tiny-<arch>'",
+    )
     p.add_argument("--policy", required=True, help="policy bundle directory")
-    p.add_argument("--dataset", nargs="+", default=["harmful", "harmless", "borderline"],
-                   help="shipped sets (harmful, harmless, borderline; test split) or labelled JSONL/CSV files")
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["harmful", "harmless", "borderline"],
+        help="shipped sets (harmful, harmless, borderline; test split) or labelled JSONL/CSV files",
+    )
     p.add_argument("--modalities", default="text", help="comma-separated: text,image,video")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per dataset")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--json", dest="json_out", help="write the full report (summary and records) here")
+    p.add_argument(
+        "--json", dest="json_out", help="write the full report (summary and records) here"
+    )
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_cli)
@@ -367,8 +408,15 @@ def run_cli(args: Any) -> int:
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     renderer = default_renderer(args.model) if set(modalities) - {"text"} else None
     items = load_eval_items(args.dataset, limit=args.limit)
-    report = evaluate(guard, items, modalities=modalities, renderer=renderer,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.quiet)
+    report = evaluate(
+        guard,
+        items,
+        modalities=modalities,
+        renderer=renderer,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     print(report.table())
     if args.json_out:
         report.to_json(args.json_out)

@@ -171,7 +171,9 @@ class Guardrail:
         self.processor = processor
         self.mode: Mode = _check_mode(mode)
         if on_error not in ("fail_closed", "fail_open", "raise"):
-            raise GuardrailError(f"on_error {on_error!r} must be 'fail_closed', 'fail_open' or 'raise'")
+            raise GuardrailError(
+                f"on_error {on_error!r} must be 'fail_closed', 'fail_open' or 'raise'"
+            )
         self.on_error: OnError = on_error
         self.refusal_detector: RefusalDetector = refusal_detector or PhraseRefusalDetector()
         self.limits = limits or InputLimits()
@@ -245,9 +247,13 @@ class Guardrail:
             self._rollout = rollout
             return rollout
         if isinstance(rollout, (str, os.PathLike)):
-            built = Rollout.from_file(rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter)
+            built = Rollout.from_file(
+                rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter
+            )
         else:
-            built = Rollout(rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter)
+            built = Rollout(
+                rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter
+            )
         self._rollout = built
         return built
 
@@ -276,7 +282,9 @@ class Guardrail:
         batch = [messages] if single else list(messages)
         if not batch:
             raise InputError("no conversations given; pass one conversation or a non-empty list")
-        results = self._run(batch, mode=mode, policy=policy, key=key, sinks=sinks, **generate_kwargs)
+        results = self._run(
+            batch, mode=mode, policy=policy, key=key, sinks=sinks, **generate_kwargs
+        )
         return results[0] if single else results
 
     async def agenerate(self, messages: Any, **kwargs: Any) -> Any:
@@ -303,7 +311,9 @@ class Guardrail:
         if not is_single_conversation(messages):
             raise InputError("stream() takes one conversation; call it once per conversation")
         tokenizer = self.adapter.tokenizer
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+        streamer = TextIteratorStreamer(
+            tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None
+        )
         cancel = threading.Event()
         box: dict[str, Any] = {}
 
@@ -398,7 +408,9 @@ class Guardrail:
         max_tokens = generate_kwargs.get("max_new_tokens", self.max_new_tokens)
         params = generate_kwargs
         with self.telemetry.generation(batch, max_tokens=max_tokens, parameters=params) as observed:
-            results = self._generate(batch, routes=routes, mode=mode, cancel=cancel, **generate_kwargs)
+            results = self._generate(
+                batch, routes=routes, mode=mode, cancel=cancel, **generate_kwargs
+            )
             observed.record(results, tau=None)
         events = build_events(
             results,
@@ -424,7 +436,9 @@ class Guardrail:
         else:
             keys = list(key)
             if len(keys) != n:
-                raise InputError(f"{len(keys)} routing keys for {n} conversations; give one per conversation")
+                raise InputError(
+                    f"{len(keys)} routing keys for {n} conversations; give one per conversation"
+                )
         routes = []
         for k in keys:
             a = rollout.resolve(k)
@@ -482,7 +496,9 @@ class Guardrail:
             with torch.no_grad():
                 output = self.model.generate(**inputs, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        results = self._results(convs, inputs, sequences, plans, policies, routes, mode, errors, started)
+        results = self._results(
+            convs, inputs, sequences, plans, policies, routes, mode, errors, started
+        )
         for bundle, built in shadow_of:
             rows = {int(r) for plan in built for r in plan.rows.tolist()}
             scores = _row_values(built, n, "score")
@@ -501,7 +517,12 @@ class Guardrail:
             if reason is not None and reason.startswith(_BLOCKED):
                 route = routes[row]
                 results[row] = self._blocked(
-                    convs[row], route.policy, mode, reason.removeprefix(_BLOCKED), started, route.arm
+                    convs[row],
+                    route.policy,
+                    mode,
+                    reason.removeprefix(_BLOCKED),
+                    started,
+                    route.arm,
                 )
         return results
 
@@ -519,7 +540,9 @@ class Guardrail:
         per_bundle: list[tuple[PolicyBundle, list[LayerPlan]]] = []
         for bundle in bundles.values():
             rows: list[PolicyBundle | None] = [
-                bundle if any(x is bundle for x in r.shadows) and _inapplicable(bundle, c) is None else None
+                bundle
+                if any(x is bundle for x in r.shadows) and _inapplicable(bundle, c) is None
+                else None
                 for r, c in zip(routes, convs, strict=True)
             ]
             built = self._plans(rows, convs, mask, apply=False)
@@ -541,7 +564,9 @@ class Guardrail:
         log.warning("guardrail.unguarded", mode=mode, on_error=self.on_error, reason=str(exc))
         return False
 
-    def _generate_kwargs(self, kwargs: dict[str, Any], cancel: threading.Event | None) -> dict[str, Any]:
+    def _generate_kwargs(
+        self, kwargs: dict[str, Any], cancel: threading.Event | None
+    ) -> dict[str, Any]:
         out = dict(kwargs)
         out.setdefault("max_new_tokens", self.max_new_tokens)
         out.setdefault("do_sample", False)
@@ -557,7 +582,12 @@ class Guardrail:
 
             class _Cancel(StoppingCriteria):
                 def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> Any:
-                    return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+                    return torch.full(
+                        (input_ids.shape[0],),
+                        event.is_set(),
+                        dtype=torch.bool,
+                        device=input_ids.device,
+                    )
 
             criteria = StoppingCriteriaList(out.pop("stopping_criteria", None) or [])
             criteria.append(_Cancel())
@@ -757,7 +787,6 @@ def build_plans(
             )
         )
     return plans
-
 
 
 def _check_mode(mode: str) -> Mode:

@@ -28,7 +28,9 @@ def load_model(
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
-            raise GuardrailError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16' or 'float32'")
+            raise GuardrailError(
+                f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16' or 'float32'"
+            )
         dtype = resolved
     if name_or_path == "smollm2":
         from guardrail import smollm2
@@ -43,7 +45,9 @@ def load_model(
 
         arch = name_or_path.removeprefix("tiny-").replace("-", "_")
         if arch not in ARCHITECTURES:
-            raise GuardrailError(f"no tiny model {name_or_path!r}; use one of tiny-{', tiny-'.join(ARCHITECTURES)}")
+            raise GuardrailError(
+                f"no tiny model {name_or_path!r}; use one of tiny-{', tiny-'.join(ARCHITECTURES)}"
+            )
         model, processor = tiny_model(arch)
     else:
         model, processor = _load_checkpoint(name_or_path, dtype)

@@ -76,9 +76,7 @@ def is_single_conversation(obj: Any) -> bool:
     return isinstance(obj, Sequence) and (len(obj) == 0 or isinstance(obj[0], Mapping))
 
 
-def parse_conversation(
-    messages: Any, *, limits: InputLimits | None = None
-) -> Conversation:
+def parse_conversation(messages: Any, *, limits: InputLimits | None = None) -> Conversation:
     """Validate ``messages`` and return a :class:`Conversation`.
 
     A bare string is accepted as a single user message.
@@ -167,7 +165,9 @@ def _parse_content(
     return parts
 
 
-def load_image(source: Any, *, where: str = "image", limits: InputLimits | None = None) -> Image.Image:
+def load_image(
+    source: Any, *, where: str = "image", limits: InputLimits | None = None
+) -> Image.Image:
     """Open and fully decode an image as RGB, refusing decompression bombs."""
     limits = limits or InputLimits()
     if source is None:
@@ -202,7 +202,9 @@ def load_image(source: Any, *, where: str = "image", limits: InputLimits | None 
         image.load()
         return image.convert("RGB") if image.mode != "RGB" else image
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{where}: image could not be decoded ({exc}); the file is truncated or corrupt") from exc
+        raise InputError(
+            f"{where}: image could not be decoded ({exc}); the file is truncated or corrupt"
+        ) from exc
 
 
 def _open(fp: Any, where: str) -> Image.Image:
@@ -211,10 +213,14 @@ def _open(fp: Any, where: str) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InputError(f"{where}: {exc}; the image is too large to decode safely") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{where}: not a readable image ({exc}); use PNG, JPEG, GIF, BMP or WebP") from exc
+        raise InputError(
+            f"{where}: not a readable image ({exc}); use PNG, JPEG, GIF, BMP or WebP"
+        ) from exc
 
 
-def load_video(source: Any, *, where: str = "video", limits: InputLimits | None = None) -> list[Image.Image]:
+def load_video(
+    source: Any, *, where: str = "video", limits: InputLimits | None = None
+) -> list[Image.Image]:
     """Load a video as a list of RGB frames.
 
     Accepts a list of frames, a directory of image files (sorted by name) or an
@@ -244,10 +250,14 @@ def load_video(source: Any, *, where: str = "video", limits: InputLimits | None 
             f"{where}: video has {len(frames)} frames, over the limit of "
             f"{limits.max_video_frames}; sample fewer frames or raise InputLimits.max_video_frames"
         )
-    loaded = [load_image(f, where=f"{where} frame {k}", limits=limits) for k, f in enumerate(frames)]
+    loaded = [
+        load_image(f, where=f"{where} frame {k}", limits=limits) for k, f in enumerate(frames)
+    ]
     sizes = {f.size for f in loaded}
     if len(sizes) > 1:
-        raise InputError(f"{where}: frames have different sizes {sorted(sizes)}; resize them to one size")
+        raise InputError(
+            f"{where}: frames have different sizes {sorted(sizes)}; resize them to one size"
+        )
     return loaded
 
 

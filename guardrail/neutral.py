@@ -25,7 +25,9 @@ class NeutralMedia:
     video_frames: int = 4
 
 
-def neutral_image(rng: random.Random, size: tuple[int, int], kind: str | None = None) -> Image.Image:
+def neutral_image(
+    rng: random.Random, size: tuple[int, int], kind: str | None = None
+) -> Image.Image:
     """One neutral RGB image: a solid colour, uniform noise or a few simple shapes."""
     kind = kind or rng.choice(KINDS)
     width, height = size
@@ -60,5 +62,8 @@ def neutral_media(modality: str, rng: random.Random, settings: NeutralMedia) -> 
     if modality == "image":
         return {"type": "image", "image": neutral_image(rng, settings.image_size)}
     if modality == "video":
-        return {"type": "video", "video": neutral_video(rng, settings.image_size, settings.video_frames)}
+        return {
+            "type": "video",
+            "video": neutral_video(rng, settings.image_size, settings.video_frames),
+        }
     raise ValueError(f"no neutral generator for modality {modality!r}")

@@ -156,7 +156,9 @@ class PolicyBundle:
 
     def __init__(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor]):
         self.manifest = manifest
-        self.tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        self.tensors = {
+            k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()
+        }
         _validate_tensors(self.manifest, self.tensors)
         # Further files stored beside the manifest (e.g. a signature), name -> bytes.
         self.extra_files: dict[str, bytes] = {}
@@ -259,7 +261,9 @@ class PolicyBundle:
         return PolicyBundle(manifest, self.tensors)
 
     def with_version(self, version: str, **updates: Any) -> PolicyBundle:
-        manifest = Manifest.model_validate({**self.manifest.model_dump(), "version": version, "digest": None, **updates})
+        manifest = Manifest.model_validate(
+            {**self.manifest.model_dump(), "version": version, "digest": None, **updates}
+        )
         return PolicyBundle(manifest, self.tensors)
 
     # ------------------------------------------------------------- compatibility
@@ -426,7 +430,9 @@ def _validate_tensors(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -
     for key, value in tensors.items():
         shape = () if key in ("p_S", "g") else (d,)
         if tuple(value.shape) != shape:
-            raise PolicyIntegrityError(f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {shape}")
+            raise PolicyIntegrityError(
+                f"{where}: tensor {key} has shape {tuple(value.shape)}, expected {shape}"
+            )
         if not torch.isfinite(value).all():
             raise PolicyIntegrityError(f"{where}: tensor {key} holds NaN or infinite values")
     if float(tensors["g"]) <= 0:

@@ -44,14 +44,36 @@ def sweep_plot(record: dict[str, Any]) -> Any:
     layers = [r["layer"] for r in sweep]
     fig, ax = plt.subplots(figsize=(7.5, 4))
     ax.plot(layers, [r["gain_harmful"] for r in sweep], "o-", color="tab:red", label="harmful text")
-    ax.plot(layers, [r["gain_harmless"] for r in sweep], "o-", color="tab:green", label="benign text")
-    for modality, colour in zip(record.get("modalities", []), ("tab:blue", "tab:purple"), strict=False):
-        ax.plot(layers, [r[f"gain_{modality}"] for r in sweep], "o--", color=colour, label=f"benign {modality}")
-    ax.axvline(record["chosen_layer"], color="black", linestyle=":", label=f"chosen l* = {record['chosen_layer']}")
+    ax.plot(
+        layers, [r["gain_harmless"] for r in sweep], "o-", color="tab:green", label="benign text"
+    )
+    for modality, colour in zip(
+        record.get("modalities", []), ("tab:blue", "tab:purple"), strict=False
+    ):
+        ax.plot(
+            layers,
+            [r[f"gain_{modality}"] for r in sweep],
+            "o--",
+            color=colour,
+            label=f"benign {modality}",
+        )
+    ax.axvline(
+        record["chosen_layer"],
+        color="black",
+        linestyle=":",
+        label=f"chosen l* = {record['chosen_layer']}",
+    )
     ax.set_xlabel("layer")
     ax.set_ylabel("refusal log-odds gain under MARS")
     twin = ax.twinx()
-    twin.plot(layers, [r["auroc_val"] for r in sweep], "s:", color="gray", alpha=0.7, label="AUROC of s (val)")
+    twin.plot(
+        layers,
+        [r["auroc_val"] for r in sweep],
+        "s:",
+        color="gray",
+        alpha=0.7,
+        label="AUROC of s (val)",
+    )
     twin.set_ylabel("AUROC of s, harmful vs harmless (val)")
     twin.set_ylim(0.4, 1.0)
     lines, labels = ax.get_legend_handles_labels()
@@ -78,8 +100,20 @@ def histogram_plot(record: dict[str, Any]) -> Any:
     for k, modality in enumerate(mods, start=1):
         ax = axes[0][k]
         ax.hist(scores["harmless"], bins=25, alpha=0.4, color="tab:green", label="harmless text")
-        ax.hist(scores[f"{modality}_raw"], bins=25, alpha=0.6, color="tab:orange", label=f"neutral {modality}, raw")
-        ax.hist(scores[modality], bins=25, alpha=0.6, color="tab:blue", label=f"neutral {modality}, re-centred")
+        ax.hist(
+            scores[f"{modality}_raw"],
+            bins=25,
+            alpha=0.6,
+            color="tab:orange",
+            label=f"neutral {modality}, raw",
+        )
+        ax.hist(
+            scores[modality],
+            bins=25,
+            alpha=0.6,
+            color="tab:blue",
+            label=f"neutral {modality}, re-centred",
+        )
         ax.axvline(tau, color="black", linestyle=":")
         ax.set_title(f"{modality}: before / after re-centring")
         ax.set_xlabel("score s")
@@ -88,7 +122,9 @@ def histogram_plot(record: dict[str, Any]) -> Any:
     return fig
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], highlight: tuple[str, Any] | None = None) -> str:
+def _table(
+    rows: list[dict[str, Any]], columns: list[str], highlight: tuple[str, Any] | None = None
+) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -111,8 +147,26 @@ def render_report(bundle: PolicyBundle) -> str:
         raise GuardrailError(f"policy {bundle.ref} has no calibration record to report on")
     params = bundle.parameters
     mods = record.get("modalities", [])
-    sweep_cols = ["layer", "gain_harmful", "gain_harmless", *[f"gain_{m}" for m in mods], "benign_kl", "auroc_val", "tau", "objective", "feasible"]
-    grid_cols = ["lam", "kappa", "gain_harmful", "benign_gain", "benign_kl", "objective", "feasible"]
+    sweep_cols = [
+        "layer",
+        "gain_harmful",
+        "gain_harmless",
+        *[f"gain_{m}" for m in mods],
+        "benign_kl",
+        "auroc_val",
+        "tau",
+        "objective",
+        "feasible",
+    ]
+    grid_cols = [
+        "lam",
+        "kappa",
+        "gain_harmful",
+        "benign_gain",
+        "benign_kl",
+        "objective",
+        "feasible",
+    ]
     chosen = record["chosen"]
     datasets = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['size']}</td><td><code>{v['digest'][:16]}</code></td></tr>"

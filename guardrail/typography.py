@@ -50,8 +50,14 @@ class TypographicRenderer:
         return [" ".join(words[bounds[k] : bounds[k + 1]]) for k in range(n)]
 
     def image(self, prompt: str) -> list[dict[str, Any]]:
-        return [{"type": "image", "image": self.render(prompt)}, {"type": "text", "text": self.image_instruction}]
+        return [
+            {"type": "image", "image": self.render(prompt)},
+            {"type": "text", "text": self.image_instruction},
+        ]
 
     def video(self, prompt: str) -> list[dict[str, Any]]:
         frames = [self.render(part) for part in self.split(prompt)]
-        return [{"type": "video", "video": frames}, {"type": "text", "text": self.video_instruction}]
+        return [
+            {"type": "video", "video": frames},
+            {"type": "text", "text": self.video_instruction},
+        ]

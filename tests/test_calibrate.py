@@ -44,9 +44,15 @@ def calibrated():
     for arch in ("llava", "qwen2_vl"):
         model, processor = tiny(arch)
         out[arch] = calibrate(
-            model, processor, _subset("harmful", 24, 8), _subset("harmless", 24, 8),
-            targets=SMALL, media=NeutralMedia(seed=3, image_size=(32, 32)), progress=False,
-            name=f"tiny-{arch.replace('_', '-')}", batch_size=8,
+            model,
+            processor,
+            _subset("harmful", 24, 8),
+            _subset("harmless", 24, 8),
+            targets=SMALL,
+            media=NeutralMedia(seed=3, image_size=(32, 32)),
+            progress=False,
+            name=f"tiny-{arch.replace('_', '-')}",
+            batch_size=8,
         )
     return out
 
@@ -67,9 +73,21 @@ def test_calibrated_bundle_loads_and_guards(arch, calibrated, tmp_path):
     loaded = PolicyBundle.from_pretrained(path, model=model, processor=processor)
     assert torch.equal(loaded.u, bundle.u)
     guard = Guardrail(model, processor, path)
-    result = guard.generate([{"role": "user", "content": [
-        {"type": "image", "image": __import__("PIL.Image").Image.new("RGB", (32, 32), "red")},
-        {"type": "text", "text": "What is this?"}]}], max_new_tokens=3)
+    result = guard.generate(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "image": __import__("PIL.Image").Image.new("RGB", (32, 32), "red"),
+                    },
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+        max_new_tokens=3,
+    )
     assert result.policy_version == "1.0.0" and result.score is not None
     # verify through the CLI: success, then tamper -> integrity exit code
     assert cli.main(["policy", "verify", str(path)]) == cli.EXIT_OK
@@ -84,7 +102,9 @@ def test_means_match_definitions(calibrated):
     r = t["mu_H"].double() - t["mu_S"].double()
     assert torch.allclose(t["u"].double(), r / r.norm(), atol=1e-6)
     assert bundle.g == pytest.approx(float(r.norm()), rel=1e-5)
-    assert bundle.p_S == pytest.approx(float(t["mu_S"].double() @ t["u"].double()), rel=1e-4, abs=1e-6)
+    assert bundle.p_S == pytest.approx(
+        float(t["mu_S"].double() @ t["u"].double()), rel=1e-4, abs=1e-6
+    )
     assert set(bundle.modalities) == {"image", "video"}
 
 
@@ -93,11 +113,21 @@ def test_collected_activations_equal_output_hidden_states():
     adapter = ModelAdapter(model, processor)
     from PIL import Image
 
-    convs = [parse_conversation(c) for c in (
-        "How do I bake bread?",
-        [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (32, 32), "blue")},
-                                      {"type": "text", "text": "Describe it"}]}],
-    )]
+    convs = [
+        parse_conversation(c)
+        for c in (
+            "How do I bake bread?",
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": Image.new("RGB", (32, 32), "blue")},
+                        {"type": "text", "text": "Describe it"},
+                    ],
+                }
+            ],
+        )
+    ]
     inputs = adapter.build_inputs(convs)
     layers = [1, 2]
     captured = collect_last_position(adapter, inputs, layers)
@@ -127,7 +157,9 @@ def test_calibration_memory_does_not_grow_with_prompt_count(tmp_path):
     """)
     peaks = {}
     for n in (100, 1000):
-        out = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(n)], capture_output=True, text=True, check=True
+        )
         peaks[n] = int(out.stdout.strip().splitlines()[-1])
     assert peaks[1000] <= peaks[100] * 1.10, peaks
 
@@ -149,13 +181,35 @@ def test_cli_calibrate_writes_bundle_and_report(tmp_path, capsys):
     harmful = tmp_path / "harmful.txt"
     harmless = tmp_path / "harmless.csv"
     harmful.write_text("\n".join(p.prompt for p in load_prompts("harmful")[:30]))
-    harmless.write_text("prompt\n" + "\n".join(f'"{p.prompt}"' for p in load_prompts("harmless")[:30]))
+    harmless.write_text(
+        "prompt\n" + "\n".join(f'"{p.prompt}"' for p in load_prompts("harmless")[:30])
+    )
     out, report = tmp_path / "bundle", tmp_path / "report.html"
-    code = cli.main([
-        "calibrate", "--model", "tiny-llava", "--harmful", str(harmful), "--harmless", str(harmless),
-        "--out", str(out), "--name", "cli-test", "--version", "0.2.0", "--report", str(report),
-        "--max-validation", "6", "--image-size", "32", "--quiet", "--json",
-    ])
+    code = cli.main(
+        [
+            "calibrate",
+            "--model",
+            "tiny-llava",
+            "--harmful",
+            str(harmful),
+            "--harmless",
+            str(harmless),
+            "--out",
+            str(out),
+            "--name",
+            "cli-test",
+            "--version",
+            "0.2.0",
+            "--report",
+            str(report),
+            "--max-validation",
+            "6",
+            "--image-size",
+            "32",
+            "--quiet",
+            "--json",
+        ]
+    )
     assert code == cli.EXIT_OK
     summary = json.loads(capsys.readouterr().out)
     assert summary["policy"] == "cli-test@0.2.0"

@@ -35,12 +35,29 @@ def conversations(arch: str) -> list[list[dict]]:
         [{"role": "user", "content": "Hi"}],
     ]
     if arch in IMAGE_ARCHS:
-        convs.append([{"role": "user", "content": [
-            {"type": "image", "image": _image(1)}, {"type": "text", "text": "What is shown here?"}]}])
+        convs.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": _image(1)},
+                        {"type": "text", "text": "What is shown here?"},
+                    ],
+                }
+            ]
+        )
     if arch in VIDEO_ARCHS:
-        convs.append([{"role": "user", "content": [
-            {"type": "video", "video": [_image(k) for k in range(4)]},
-            {"type": "text", "text": "Describe the clip."}]}])
+        convs.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video", "video": [_image(k) for k in range(4)]},
+                        {"type": "text", "text": "Describe the clip."},
+                    ],
+                }
+            ]
+        )
     return convs
 
 
@@ -49,7 +66,9 @@ def strong_policy(model, processor, **kw):
     layer = adapter.num_layers // 2
     params = dict(tau=-10.0, lam=10.0, kappa=8.0)
     params.update(kw)
-    return random_policy(model, processor, layer=layer, modalities=tuple(sorted(adapter.modalities)), **params)
+    return random_policy(
+        model, processor, layer=layer, modalities=tuple(sorted(adapter.modalities)), **params
+    )
 
 
 class Capture:
@@ -67,7 +86,9 @@ class Capture:
             if only is not None and index != only:
                 continue
             target = layer if before_hooks else layer.input_layernorm
-            self.handles.append(target.register_forward_pre_hook(self._hook(index), with_kwargs=True, prepend=True))
+            self.handles.append(
+                target.register_forward_pre_hook(self._hook(index), with_kwargs=True, prepend=True)
+            )
 
     def _hook(self, index):
         def hook(module, args, kwargs):
@@ -120,13 +141,27 @@ def test_prefill_changes_only_t_star_at_l_star(arch):
     # At l*, t*: exactly the pure-function result.
     policy = guard.policy
     h = prefill_plain[l_star][rows, t_star]
-    delta = torch.stack([
-        sum((policy.delta(m) for m in sorted(parse_conversation(c).modalities)), torch.zeros_like(policy.u))
-        for c in batch
-    ])
+    delta = torch.stack(
+        [
+            sum(
+                (policy.delta(m) for m in sorted(parse_conversation(c).modalities)),
+                torch.zeros_like(policy.u),
+            )
+            for c in batch
+        ]
+    )
     p = policy.parameters
-    expected = mars_step(h, u=policy.u, p_S=torch.tensor(policy.p_S), g=torch.tensor(policy.g), delta=delta,
-                         tau=p.tau, lam=p.lam, kappa=p.kappa, recenter_mode=p.recenter)
+    expected = mars_step(
+        h,
+        u=policy.u,
+        p_S=torch.tensor(policy.p_S),
+        g=torch.tensor(policy.g),
+        delta=delta,
+        tau=p.tau,
+        lam=p.lam,
+        kappa=p.kappa,
+        recenter_mode=p.recenter,
+    )
     assert torch.equal(prefill_steered[l_star][rows, t_star], expected.h)
     assert [r.score for r in results] == pytest.approx(expected.score.tolist(), rel=1e-5, abs=1e-6)
     assert not torch.equal(expected.h, h)
@@ -138,7 +173,9 @@ def test_hook_is_inert_in_decode_steps(arch):
     model, processor = tiny(arch)
     guard = Guardrail(model, processor, strong_policy(model, processor))
     l_star = guard.policy.layer
-    before = Capture(guard.adapter.layers, before_hooks=True, only=l_star)  # ahead of the steering hook
+    before = Capture(
+        guard.adapter.layers, before_hooks=True, only=l_star
+    )  # ahead of the steering hook
     after = Capture(guard.adapter.layers, only=l_star)  # what the layer computes on
     guard.generate(conversations(arch)[0], max_new_tokens=4)
     before.remove()
@@ -157,9 +194,10 @@ def test_off_and_zero_strength_equal_plain_generate(arch):
     batch = conversations(arch)
     inputs = adapter.build_inputs([parse_conversation(c) for c in batch])
     with torch.no_grad():
-        plain = model.generate(**inputs, max_new_tokens=6, do_sample=False,
-                               pad_token_id=adapter.tokenizer.pad_token_id)
-    plain_new = plain[:, inputs["input_ids"].shape[1]:]
+        plain = model.generate(
+            **inputs, max_new_tokens=6, do_sample=False, pad_token_id=adapter.tokenizer.pad_token_id
+        )
+    plain_new = plain[:, inputs["input_ids"].shape[1] :]
     for policy in (strong_policy(model, processor), strong_policy(model, processor, lam=0.0)):
         mode = "off" if policy.parameters.lam else "enforce"
         results = Guardrail(model, processor, policy).generate(batch, mode=mode, max_new_tokens=6)
@@ -172,7 +210,9 @@ def test_off_and_zero_strength_equal_plain_generate(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_batched_equals_one_by_one(arch):
     model, processor = tiny(arch)
-    guard = Guardrail(model, processor, strong_policy(model, processor, tau=0.0, lam=2.0, kappa=1.0))
+    guard = Guardrail(
+        model, processor, strong_policy(model, processor, tau=0.0, lam=2.0, kappa=1.0)
+    )
     batch = conversations(arch)
     together = guard.generate(batch, max_new_tokens=5)
     for conv, joint in zip(batch, together, strict=True):
@@ -232,6 +272,7 @@ def test_no_hook_survives_exceptions_and_abandoned_streams():
 
     asyncio.run(cancelled())
     import time
+
     for _ in range(100):
         if not any(m._forward_pre_hooks for m in model.modules()):
             break

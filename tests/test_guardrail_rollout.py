@@ -24,19 +24,29 @@ PROMPTS = [f"Tell me something about topic number {k}." for k in range(8)]
 def setup(tmp_path_factory):
     model, tok = tiny("llama")
     root = tmp_path_factory.mktemp("policies")
-    v1 = random_policy(model, tok, layer=1, seed=11, name="p", version="1.0.0", tau=-0.5, lam=4.0, kappa=2.0)
-    v2 = random_policy(model, tok, layer=2, seed=22, name="p", version="2.0.0", tau=-0.5, lam=4.0, kappa=2.0)
+    v1 = random_policy(
+        model, tok, layer=1, seed=11, name="p", version="1.0.0", tau=-0.5, lam=4.0, kappa=2.0
+    )
+    v2 = random_policy(
+        model, tok, layer=2, seed=22, name="p", version="2.0.0", tau=-0.5, lam=4.0, kappa=2.0
+    )
     paths = {v: b.save_pretrained(root / "p" / v) for v, b in (("1.0.0", v1), ("2.0.0", v2))}
     guard = Guardrail(model, tok)
     solo = {
-        v: [guard.generate(p, policy=guard.load_policy(paths[v]), max_new_tokens=5) for p in PROMPTS]
+        v: [
+            guard.generate(p, policy=guard.load_policy(paths[v]), max_new_tokens=5) for p in PROMPTS
+        ]
         for v in paths
     }
     return model, tok, paths, solo
 
 
 def _config(paths, share=0.5, shadow=(), kill=False):
-    config = {"stable": str(paths["1.0.0"]), "shadow": [str(paths[s]) for s in shadow], "kill_switch": kill}
+    config = {
+        "stable": str(paths["1.0.0"]),
+        "shadow": [str(paths[s]) for s in shadow],
+        "kill_switch": kill,
+    }
     if share is not None:
         config["canary"] = {"ref": str(paths["2.0.0"]), "share": share, "sticky_key": "user"}
     return config
@@ -48,7 +58,8 @@ def test_mixed_batch_runs_in_one_forward_pass_with_per_row_versions(setup):
     keys = [f"user-{k}" for k in range(len(PROMPTS))]
     prefills = []
     handle = guard.adapter.layers[0].register_forward_pre_hook(
-        lambda m, args: prefills.append(args[0].shape[1]) if args[0].shape[1] > 1 else None)
+        lambda m, args: prefills.append(args[0].shape[1]) if args[0].shape[1] > 1 else None
+    )
     try:
         results = guard.generate(PROMPTS, key=keys, max_new_tokens=5)
     finally:
@@ -69,8 +80,12 @@ def test_mixed_batch_runs_in_one_forward_pass_with_per_row_versions(setup):
 def test_shadow_never_changes_output_and_reports_would_intervene(setup):
     model, tok, paths, solo = setup
     events = []
-    guard = Guardrail(model, tok, rollout=_config(paths, share=0.0, shadow=("2.0.0",)),
-                      sinks=[CallbackSink(events.append)])
+    guard = Guardrail(
+        model,
+        tok,
+        rollout=_config(paths, share=0.0, shadow=("2.0.0",)),
+        sinks=[CallbackSink(events.append)],
+    )
     results = guard.generate(PROMPTS, key="someone", max_new_tokens=5)
     shadow_only = Guardrail(model, tok)
     v2 = guard.load_policy(paths["2.0.0"])
@@ -111,7 +126,9 @@ def test_swaps_under_concurrent_load_lose_none_and_mix_none(setup):
         while not stop.is_set():
             idx = (worker + k) % len(PROMPTS)
             try:
-                results.append((idx, guard.generate(PROMPTS[idx], key=f"w{worker}", max_new_tokens=5)))
+                results.append(
+                    (idx, guard.generate(PROMPTS[idx], key=f"w{worker}", max_new_tokens=5))
+                )
             except Exception as exc:  # noqa: BLE001 - any error fails the test below
                 errors.append(exc)
             k += 1
@@ -146,7 +163,9 @@ def test_swaps_under_concurrent_load_lose_none_and_mix_none(setup):
         seen.add(result.policy_version)
     assert seen == {"1.0.0", "2.0.0"}
     assert guard.model is model_before
-    assert sorted(swaps)[len(swaps) // 2] < 0.05  # a swap is a pointer change (median well under 50 ms)
+    assert (
+        sorted(swaps)[len(swaps) // 2] < 0.05
+    )  # a swap is a pointer change (median well under 50 ms)
     assert_no_hooks(model)
 
 

@@ -182,7 +182,12 @@ def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None
     every = [*harmful, *ordinary, *near_miss, *extra_ordinary, *extra_near_miss]
     answers = {p.prompt: answer for p in every}
     answers[ordinary[0].prompt] = refusing  # an original answer that reads as a refusal
-    cfg = BuildConfig(safety_harmless_repeat=2, safety_near_miss_repeat=3, safety_extra=False)
+    cfg = BuildConfig(
+        safety_harmful_repeat=1,
+        safety_harmless_repeat=2,
+        safety_near_miss_repeat=3,
+        safety_extra=False,
+    )
     examples = safety_examples(tokenizer, answers, cfg, log=lambda _: None)
     kinds = [ex.kind for ex in examples]
     assert kinds.count("harmful_text") == len(harmful)

@@ -26,15 +26,26 @@ def report():
         + spread(load_prompts("harmless", split="test", exclude_category="near_miss"), N)
         + spread(load_prompts("harmless", split="test", category="near_miss"), N)
     )
-    result = evaluate(guard, items, modalities=("text", "image", "video"), renderer=OrganismRenderer(),
-                      max_new_tokens=24, batch_size=8)
+    result = evaluate(
+        guard,
+        items,
+        modalities=("text", "image", "video"),
+        renderer=OrganismRenderer(),
+        max_new_tokens=24,
+        batch_size=8,
+    )
     print("\n" + result.table())
     return result
 
 
 def _rate(report, modality, label, key, category=None):
-    rows = [r for r in report.records if r.modality == modality and r.label == label
-            and (category is None or (r.category == "near_miss") == (category == "near_miss"))]
+    rows = [
+        r
+        for r in report.records
+        if r.modality == modality
+        and r.label == label
+        and (category is None or (r.category == "near_miss") == (category == "near_miss"))
+    ]
     return sum(getattr(r, key) for r in rows) / len(rows)
 
 

@@ -115,7 +115,11 @@ def test_interrupted_save_keeps_old_bundle(tmp_path, bundle, monkeypatch):
 def test_from_statistics_rejects_identical_means(tiny_llama):
     with pytest.raises(PolicyIntegrityError, match="coincide"):
         random_policy(*tiny_llama).from_statistics(
-            name="x", version="1.0.0", layer=1, mu_H=torch.ones(64), mu_S=torch.ones(64),
+            name="x",
+            version="1.0.0",
+            layer=1,
+            mu_H=torch.ones(64),
+            mu_S=torch.ones(64),
             model=random_policy(*tiny_llama).manifest.model,
         )
 

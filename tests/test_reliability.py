@@ -30,7 +30,12 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _image_msg(image) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,10 @@ def llava_guard():
         ([{"role": "user", "content": [{"type": "audio", "audio": b""}]}], "has type 'audio'"),
         ([{"role": "user", "content": [None]}], "is a NoneType"),
         ([{"role": "assistant", "content": "hello"}], "no user message"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message is from the assistant"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "last message is from the assistant",
+        ),
         ([{"role": "user", "content": [{"type": "image"}]}], "image part has no 'image'"),
         ([{"role": "user", "content": [{"type": "video", "video": []}]}], "zero frames"),
         (b"bytes", "must be a list"),
@@ -97,14 +105,18 @@ def test_broken_images_are_rejected_and_service_continues(llava_guard, tmp_path)
 def test_video_frame_limits_and_unsupported_modality():
     frames = [Image.new("RGB", (16, 16), (k, k, k)) for k in range(5)]
     with pytest.raises(InputError, match="over the limit of 4"):
-        parse_conversation([{"role": "user", "content": [{"type": "video", "video": frames}]}],
-                           limits=InputLimits(max_video_frames=4))
+        parse_conversation(
+            [{"role": "user", "content": [{"type": "video", "video": frames}]}],
+            limits=InputLimits(max_video_frames=4),
+        )
     mixed = frames[:2] + [Image.new("RGB", (8, 8))]
     with pytest.raises(InputError, match="different sizes"):
         parse_conversation([{"role": "user", "content": [{"type": "video", "video": mixed}]}])
     model, processor = tiny("gemma3")
     with pytest.raises(InputError, match="does not accept video"):
-        Guardrail(model, processor).generate([{"role": "user", "content": [{"type": "video", "video": frames}]}])
+        Guardrail(model, processor).generate(
+            [{"role": "user", "content": [{"type": "video", "video": frames}]}]
+        )
 
 
 def test_prompt_longer_than_context_is_rejected():
@@ -118,20 +130,36 @@ def test_prompt_longer_than_context_is_rejected():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20) | st.binary(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
-message_like = st.lists(
-    st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "assistant", "system", "x"]) | json_values},
-        optional={"content": json_values | st.lists(
-            st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "video", "?"])},
-                                  optional={"text": json_values, "image": json_values, "video": json_values}),
-            max_size=3)},
-    ),
-    max_size=4,
-) | json_values
+message_like = (
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "system", "x"]) | json_values},
+            optional={
+                "content": json_values
+                | st.lists(
+                    st.fixed_dictionaries(
+                        {"type": st.sampled_from(["text", "image", "video", "?"])},
+                        optional={"text": json_values, "image": json_values, "video": json_values},
+                    ),
+                    max_size=3,
+                )
+            },
+        ),
+        max_size=4,
+    )
+    | json_values
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -144,8 +172,22 @@ def test_fuzz_message_parser_only_raises_guardrail_errors(messages):
 
 
 manifest_like = st.dictionaries(
-    st.sampled_from(["schema_version", "name", "version", "model", "layer", "parameters", "modalities",
-                     "calibration", "files", "digest", "created", "extra"]),
+    st.sampled_from(
+        [
+            "schema_version",
+            "name",
+            "version",
+            "model",
+            "layer",
+            "parameters",
+            "modalities",
+            "calibration",
+            "files",
+            "digest",
+            "created",
+            "extra",
+        ]
+    ),
     json_values,
     max_size=10,
 )
@@ -160,7 +202,9 @@ def test_fuzz_manifest_parser_only_raises_integrity_errors(raw):
         pass
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(manifest=st.binary(max_size=200), tensors=st.binary(max_size=200))
 def test_fuzz_bundle_files_only_raise_integrity_errors(tmp_path_factory, manifest, tensors):
     path = tmp_path_factory.mktemp("fuzz")
@@ -183,14 +227,20 @@ def test_enforce_fails_closed_when_policy_cannot_be_applied():
     assert closed.text == "I can't help with that request."
 
     plain = Guardrail(model, processor).generate(image_conv, max_new_tokens=4)
-    opened = Guardrail(model, processor, text_only, on_error="fail_open").generate(image_conv, max_new_tokens=4)
+    opened = Guardrail(model, processor, text_only, on_error="fail_open").generate(
+        image_conv, max_new_tokens=4
+    )
     assert opened.token_ids == plain.token_ids and opened.error and not opened.intervened
 
-    shadow = Guardrail(model, processor, text_only, mode="shadow").generate(image_conv, max_new_tokens=4)
+    shadow = Guardrail(model, processor, text_only, mode="shadow").generate(
+        image_conv, max_new_tokens=4
+    )
     assert shadow.token_ids == plain.token_ids  # shadow never blocks nor changes output
 
     with pytest.raises(GuardrailError, match="no re-centring offset"):
-        Guardrail(model, processor, text_only, on_error="raise").generate(image_conv, max_new_tokens=4)
+        Guardrail(model, processor, text_only, on_error="raise").generate(
+            image_conv, max_new_tokens=4
+        )
     # text input is unaffected by the missing image offset
     text = Guardrail(model, processor, text_only).generate("hello", max_new_tokens=4)
     assert text.error is None and text.intervened
@@ -205,7 +255,11 @@ def test_concurrent_requests_match_solo_results(llava_guard):
     image = Image.new("RGB", (32, 32), "purple")
     jobs = []
     for k in range(12):
-        conv = _image_msg(image) if k % 3 == 0 else [{"role": "user", "content": f"Question number {k}?"}]
+        conv = (
+            _image_msg(image)
+            if k % 3 == 0
+            else [{"role": "user", "content": f"Question number {k}?"}]
+        )
         mode = ("enforce", "shadow", "off")[k % 3]
         policy = other if k % 2 else None
         jobs.append((conv, mode, policy))
@@ -224,7 +278,9 @@ def test_concurrent_requests_match_solo_results(llava_guard):
         threaded = list(pool.map(run, jobs))
 
     async def many():
-        return await asyncio.gather(*(llava_guard.agenerate(c, mode=m, policy=p, max_new_tokens=6) for c, m, p in jobs))
+        return await asyncio.gather(
+            *(llava_guard.agenerate(c, mode=m, policy=p, max_new_tokens=6) for c, m, p in jobs)
+        )
 
     asynced = asyncio.run(many())
     for alone, t, a in zip(solo, threaded, asynced, strict=True):

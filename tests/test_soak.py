@@ -37,8 +37,14 @@ def test_soak_mixed_modes_with_faults():
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    guard = Guardrail(model, tok, policy, sinks=[CallbackSink(events.append)], max_new_tokens=2,
-                      tracer_provider=provider)
+    guard = Guardrail(
+        model,
+        tok,
+        policy,
+        sinks=[CallbackSink(events.append)],
+        max_new_tokens=2,
+        tracer_provider=provider,
+    )
     rng = random.Random(0)
     outcomes = {"ok": 0, "fault": 0, "input_error": 0}
     request_ids = set()
@@ -48,9 +54,13 @@ def test_soak_mixed_modes_with_faults():
         roll = rng.random()
         try:
             if roll < 0.05:
-                guard.generate(f"request {i}", mode=mode, stopping_criteria=StoppingCriteriaList([Fault()]))
+                guard.generate(
+                    f"request {i}", mode=mode, stopping_criteria=StoppingCriteriaList([Fault()])
+                )
             elif roll < 0.08:
-                guard.generate([{"role": "user", "content": [{"type": "image", "image": b""}]}], mode=mode)
+                guard.generate(
+                    [{"role": "user", "content": [{"type": "image", "image": b""}]}], mode=mode
+                )
             elif roll < 0.10:
                 stream = guard.stream(f"stream {i}", mode=mode, max_new_tokens=4)
                 next(stream)
@@ -82,7 +92,11 @@ def test_soak_mixed_modes_with_faults():
     assert len(failed) == outcomes["fault"] + outcomes["input_error"]
     assert sorted({s.attributes["error.type"] for s in failed}) == ["InputError", "RuntimeError"]
     # every event belongs to a request that completed
-    completed = {s.attributes.get("gen_ai.response.id") for s in spans if s.status.status_code != StatusCode.ERROR}
+    completed = {
+        s.attributes.get("gen_ai.response.id")
+        for s in spans
+        if s.status.status_code != StatusCode.ERROR
+    }
     assert events and {e.request_id for e in events} <= completed
     assert request_ids <= completed
     # the guardrail still answers exactly like a fresh one

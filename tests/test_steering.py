@@ -47,8 +47,15 @@ def test_recenter_modes():
 @settings(max_examples=200, deadline=None)
 @given(s=finite, g=positive, tau=finite, lam=st.floats(0, 10), kappa=st.floats(0, 5))
 def test_strength_within_trust_region_and_zero_below_gate(s, g, tau, lam, kappa):
-    a = float(steering_strength(torch.tensor(s, dtype=torch.float64), torch.tensor(g, dtype=torch.float64),
-                                tau=tau, lam=lam, kappa=kappa))
+    a = float(
+        steering_strength(
+            torch.tensor(s, dtype=torch.float64),
+            torch.tensor(g, dtype=torch.float64),
+            tau=tau,
+            lam=lam,
+            kappa=kappa,
+        )
+    )
     assert a >= 0.0
     assert a <= kappa * g + 1e-9
     if s <= tau:
@@ -59,14 +66,30 @@ def test_strength_within_trust_region_and_zero_below_gate(s, g, tau, lam, kappa)
 @given(s1=finite, s2=finite, g=positive, tau=finite, lam=st.floats(0, 10), kappa=st.floats(0, 5))
 def test_strength_is_monotone_in_score(s1, s2, g, tau, lam, kappa):
     lo, hi = sorted((s1, s2))
-    f = lambda s: float(steering_strength(torch.tensor(s, dtype=torch.float64),  # noqa: E731
-                                          torch.tensor(g, dtype=torch.float64), tau=tau, lam=lam, kappa=kappa))
+
+    def f(s: float) -> float:
+        return float(
+            steering_strength(
+                torch.tensor(s, dtype=torch.float64),
+                torch.tensor(g, dtype=torch.float64),
+                tau=tau,
+                lam=lam,
+                kappa=kappa,
+            )
+        )
+
     assert f(lo) <= f(hi) + 1e-12
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 10_000), tau=finite, lam=st.floats(0, 10), kappa=st.floats(0, 5),
-       eta=st.floats(0.001, 2), mode=st.sampled_from(["full", "projection", "none"]))
+@given(
+    seed=st.integers(0, 10_000),
+    tau=finite,
+    lam=st.floats(0, 10),
+    kappa=st.floats(0, 5),
+    eta=st.floats(0.001, 2),
+    mode=st.sampled_from(["full", "projection", "none"]),
+)
 def test_mars_step_moves_along_u_by_at_most_the_bounds(seed, tau, lam, kappa, eta, mode):
     gen = torch.Generator().manual_seed(seed)
     d = 12
@@ -74,8 +97,18 @@ def test_mars_step_moves_along_u_by_at_most_the_bounds(seed, tau, lam, kappa, et
     u = _unit(d, seed)
     delta = torch.randn(3, d, generator=gen, dtype=torch.float64)
     g = torch.tensor(2.5, dtype=torch.float64)
-    out = mars_step(h, u=u, p_S=torch.tensor(0.3, dtype=torch.float64), g=g, delta=delta,
-                    tau=tau, lam=lam, kappa=kappa, eta=eta, recenter_mode=mode)
+    out = mars_step(
+        h,
+        u=u,
+        p_S=torch.tensor(0.3, dtype=torch.float64),
+        g=g,
+        delta=delta,
+        tau=tau,
+        lam=lam,
+        kappa=kappa,
+        eta=eta,
+        recenter_mode=mode,
+    )
     step = out.h - h
     # the write-back is a pure push along u (re-centring used for scoring only)
     along = step @ u
@@ -89,8 +122,16 @@ def test_mars_step_moves_along_u_by_at_most_the_bounds(seed, tau, lam, kappa, et
 def test_mars_step_zero_strength_is_bit_identical_in_low_precision():
     h = torch.randn(4, 32, dtype=torch.bfloat16)
     u = _unit(32, 3).float()
-    out = mars_step(h, u=u, p_S=torch.tensor(0.0), g=torch.tensor(1.0), delta=torch.zeros(4, 32),
-                    tau=0.5, lam=0.0, kappa=1.0)
+    out = mars_step(
+        h,
+        u=u,
+        p_S=torch.tensor(0.0),
+        g=torch.tensor(1.0),
+        delta=torch.zeros(4, 32),
+        tau=0.5,
+        lam=0.0,
+        kappa=1.0,
+    )
     assert out.h.dtype == torch.bfloat16
     assert torch.equal(out.h, h)
 
@@ -99,8 +140,17 @@ def test_mars_step_applies_recentering_to_activation_when_asked():
     h = torch.randn(2, 8, dtype=torch.float64)
     u = _unit(8, 5)
     delta = torch.randn(2, 8, dtype=torch.float64)
-    out = mars_step(h, u=u, p_S=torch.tensor(0.0, dtype=torch.float64), g=torch.tensor(1.0, dtype=torch.float64),
-                    delta=delta, tau=-math.inf, lam=1.0, kappa=0.0, apply_recentering_to_activation=True)
+    out = mars_step(
+        h,
+        u=u,
+        p_S=torch.tensor(0.0, dtype=torch.float64),
+        g=torch.tensor(1.0, dtype=torch.float64),
+        delta=delta,
+        tau=-math.inf,
+        lam=1.0,
+        kappa=0.0,
+        apply_recentering_to_activation=True,
+    )
     assert torch.allclose(out.h, h - delta)
 
 
