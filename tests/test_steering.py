@@ -44,10 +44,9 @@ def test_recenter_modes():
         recenter(h, delta, u, "partial")
 
 
-@settings(max_examples=200, deadline=None)
-@given(s=finite, g=positive, tau=finite, lam=st.floats(0, 10), kappa=st.floats(0, 5))
-def test_strength_within_trust_region_and_zero_below_gate(s, g, tau, lam, kappa):
-    a = float(
+def _strength(s: float, g: float, tau: float, lam: float, kappa: float) -> float:
+    """``steering_strength`` on float64 scalars, as a Python float."""
+    return float(
         steering_strength(
             torch.tensor(s, dtype=torch.float64),
             torch.tensor(g, dtype=torch.float64),
@@ -56,6 +55,12 @@ def test_strength_within_trust_region_and_zero_below_gate(s, g, tau, lam, kappa)
             kappa=kappa,
         )
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(s=finite, g=positive, tau=finite, lam=st.floats(0, 10), kappa=st.floats(0, 5))
+def test_strength_within_trust_region_and_zero_below_gate(s, g, tau, lam, kappa):
+    a = _strength(s, g, tau, lam, kappa)
     assert a >= 0.0
     assert a <= kappa * g + 1e-9
     if s <= tau:
@@ -66,19 +71,7 @@ def test_strength_within_trust_region_and_zero_below_gate(s, g, tau, lam, kappa)
 @given(s1=finite, s2=finite, g=positive, tau=finite, lam=st.floats(0, 10), kappa=st.floats(0, 5))
 def test_strength_is_monotone_in_score(s1, s2, g, tau, lam, kappa):
     lo, hi = sorted((s1, s2))
-
-    def f(s: float) -> float:
-        return float(
-            steering_strength(
-                torch.tensor(s, dtype=torch.float64),
-                torch.tensor(g, dtype=torch.float64),
-                tau=tau,
-                lam=lam,
-                kappa=kappa,
-            )
-        )
-
-    assert f(lo) <= f(hi) + 1e-12
+    assert _strength(lo, g, tau, lam, kappa) <= _strength(hi, g, tau, lam, kappa) + 1e-12
 
 
 @settings(max_examples=100, deadline=None)
