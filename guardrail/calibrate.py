@@ -44,7 +44,13 @@ from guardrail.metrics import auroc, quantile
 from guardrail.neutral import NeutralMedia, neutral_media
 from guardrail.policy import ModelFingerprint, PolicyBundle, SteeringParameters
 from guardrail.refusal import refusal_logodds, refusal_token_ids
-from guardrail.steering import last_positions, mars_step, steering_hooks
+from guardrail.steering import (
+    first_positions,
+    last_positions,
+    mars_step,
+    steering_hooks,
+    window_mean,
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class CalibrationTargets:
     recenter: str = "full"
     max_validation: int = 64
     """At most this many validation prompts per set (H, S and each S_m)."""
+    score_positions: int = 1
+    """Statistics and scores over the mean of the last k prompt positions (the method's
+    option); 1 is ``t*`` alone. Steering acts at ``t*`` either way."""
 
 
 @dataclass
@@ -114,25 +123,32 @@ class _StopForward(Exception):
     pass
 
 
-def collect_last_position(
+def collect_windows(
     adapter: ModelAdapter,
     inputs: dict[str, Any],
     layers: Sequence[int],
-) -> dict[int, torch.Tensor]:
-    """Residual stream entering each of ``layers`` at ``t*`` (``[B, d]`` float64 each).
+    windows: Sequence[int] = (1,),
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Residual stream entering each of ``layers``, averaged over the last ``k`` prompt
+    positions for each ``k`` in ``windows`` (``k = 1``: ``t*``), in one forward pass:
+    ``{(layer, k): [B, d] float64}``.
 
     The forward pass stops as soon as the last requested layer has been entered.
     """
     positions = last_positions(inputs["attention_mask"])
+    starts = first_positions(inputs["attention_mask"])
     rows = torch.arange(positions.shape[0], device=positions.device)
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[tuple[int, int], torch.Tensor] = {}
     last = max(layers)
     handles = []
 
     def make(index: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[index] = hidden[rows, positions.to(hidden.device)].double()
+            for k in windows:
+                captured[index, k] = window_mean(
+                    hidden, rows, positions, k, starts, dtype=torch.float64
+                )
             if index == last:
                 raise _StopForward
 
@@ -153,6 +169,18 @@ def collect_last_position(
     return captured
 
 
+def collect_last_position(
+    adapter: ModelAdapter,
+    inputs: dict[str, Any],
+    layers: Sequence[int],
+    score_positions: int = 1,
+) -> dict[int, torch.Tensor]:
+    """Residual stream entering each of ``layers`` at ``t*`` (``[B, d]`` float64 each),
+    or its mean over the last ``score_positions`` prompt positions."""
+    captured = collect_windows(adapter, inputs, layers, (score_positions,))
+    return {layer: captured[layer, score_positions] for layer in layers}
+
+
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
@@ -171,8 +199,10 @@ def accumulate_means(
     *,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    score_positions: int = 1,
 ) -> dict[int, torch.Tensor]:
-    """Streaming float64 means of the ``t*`` activations over ``conversations``.
+    """Streaming float64 means of the ``t*`` activations over ``conversations`` (each
+    the mean of its last ``score_positions`` positions).
 
     ``conversations`` may be any iterable (a generator is consumed lazily): only
     one batch and the per-layer running sums are held at a time.
@@ -180,7 +210,9 @@ def accumulate_means(
     sums: dict[int, torch.Tensor] = {}
     count = 0
     for batch in _batches(conversations, batch_size):
-        captured = collect_last_position(adapter, adapter.build_inputs(batch), layers)
+        captured = collect_last_position(
+            adapter, adapter.build_inputs(batch), layers, score_positions
+        )
         for layer, acts in captured.items():
             total = acts.sum(0).cpu()
             sums[layer] = sums[layer] + total if layer in sums else total
@@ -198,11 +230,15 @@ def collect_examples(
     layers: Sequence[int],
     *,
     batch_size: int = 8,
+    score_positions: int = 1,
 ) -> dict[int, torch.Tensor]:
-    """Per-example ``t*`` activations (``[n, d]`` float64 per layer), for small sets."""
+    """Per-example ``t*`` activations (``[n, d]`` float64 per layer; each the mean of its
+    last ``score_positions`` positions), for small sets."""
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for batch in _batches(conversations, batch_size):
-        captured = collect_last_position(adapter, adapter.build_inputs(batch), layers)
+        captured = collect_last_position(
+            adapter, adapter.build_inputs(batch), layers, score_positions
+        )
         for layer in layers:
             parts[layer].append(captured[layer].cpu())
     return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
@@ -335,6 +371,9 @@ def calibrate(
     """
     started = time.perf_counter()
     targets = targets or CalibrationTargets()
+    k = targets.score_positions
+    if not isinstance(k, int) or not 1 <= k <= 64:
+        raise InputError(f"score_positions must be an integer from 1 to 64, got {k!r}")
     media = media or NeutralMedia(seed=seed)
     adapter = ModelAdapter(model, processor)
     mods = sorted(adapter.modalities if modalities is None else set(modalities))
@@ -369,14 +408,17 @@ def calibrate(
     means: dict[str, dict[int, torch.Tensor]] = {}
     try:
         for s in train_sets:
-            means[s.name] = accumulate_means(adapter, s, cands, batch_size=batch_size, progress=bar)
+            means[s.name] = accumulate_means(
+                adapter, s, cands, batch_size=batch_size, progress=bar, score_positions=k
+            )
     finally:
         bar.close()
     t_collect = time.perf_counter() - started
 
     # 2. per-example validation activations, unguarded first-token statistics
     val_acts = {
-        s.name: collect_examples(adapter, s, cands, batch_size=batch_size) for s in val_sets
+        s.name: collect_examples(adapter, s, cands, batch_size=batch_size, score_positions=k)
+        for s in val_sets
     }
     token_ids = refusal_token_ids(adapter.tokenizer)
     base = {s.name: first_token(adapter, s, token_ids, batch_size=batch_size) for s in val_sets}
@@ -392,7 +434,7 @@ def calibrate(
             mu_S=means["harmless"][layer],
             mu_modalities={m: means[m][layer] for m in mods},
             model=fingerprint,
-            parameters=SteeringParameters(recenter=targets.recenter, **params),
+            parameters=SteeringParameters(recenter=targets.recenter, score_positions=k, **params),
             description=description,
         )
 

@@ -46,6 +46,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         kl_bound=args.kl_bound,
         max_validation=args.max_validation,
         recenter=args.recenter,
+        score_positions=args.score_positions,
         lam_grid=tuple(float(x) for x in args.lam_grid.split(",")),
         kappa_grid=tuple(float(x) for x in args.kappa_grid.split(",")),
     )
@@ -330,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)"
     )
     p.add_argument("--recenter", choices=["full", "projection", "none"], default="full")
+    p.add_argument(
+        "--score-positions",
+        type=int,
+        default=1,
+        help="score the mean of the last k prompt positions (default 1: t* alone)",
+    )
     p.add_argument("--lam-grid", default="1,2,4", help="comma-separated lam values to grid")
     p.add_argument("--kappa-grid", default="0.5,1,1.5", help="comma-separated kappa values to grid")
     p.add_argument(

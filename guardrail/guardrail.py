@@ -31,7 +31,7 @@ from guardrail.policy import PolicyBundle
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
 from guardrail.rollout import Rollout, RolloutConfig
 from guardrail.signing import TrustStore
-from guardrail.steering import LayerPlan, last_positions, steering_hooks
+from guardrail.steering import LayerPlan, first_positions, last_positions, steering_hooks
 from guardrail.telemetry import Telemetry
 from guardrail.telemetry import model_name as _model_name
 
@@ -738,6 +738,7 @@ def build_plans(
     """
     device = attention_mask.device
     positions = last_positions(attention_mask)
+    starts = first_positions(attention_mask)
     length = int(attention_mask.shape[1])
     groups: dict[int, list[int]] = {}
     for row, policy in enumerate(policies):
@@ -783,6 +784,8 @@ def build_plans(
                 eta=per_row(params.eta),
                 recenter_mode=params.recenter,
                 apply_recentering_to_activation=params.apply_recentering_to_activation,
+                score_positions=params.score_positions,
+                starts=starts[rows],
                 apply=apply,
             )
         )

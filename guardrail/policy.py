@@ -29,11 +29,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from guardrail.errors import PolicyCompatibilityError, PolicyIntegrityError
+from guardrail.errors import InputError, PolicyCompatibilityError, PolicyIntegrityError
 
 if TYPE_CHECKING:
     from guardrail.adapters import ModelAdapter
@@ -83,6 +91,16 @@ class SteeringParameters(BaseModel):
     eta: float | None = Field(None, gt=0, description="optional bound a <= eta * |h|")
     recenter: Literal["full", "projection", "none"] = "full"
     apply_recentering_to_activation: bool = False
+    score_positions: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "score the mean of the last k prompt positions (the chat template's tail) "
+            "instead of t* alone; steering still acts at t* only. Fixed at calibration: "
+            "the bundle's means are taken over the same positions"
+        ),
+    )
 
     @field_validator("tau", "lam", "kappa", "eta")
     @classmethod
@@ -90,6 +108,15 @@ class SteeringParameters(BaseModel):
         if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # score_positions is written only when it is not 1, so that bundles written
+        # before the option existed keep their canonical bytes (digest, signature).
+        data: dict[str, Any] = handler(self)
+        if data.get("score_positions") == 1:
+            del data["score_positions"]
+        return data
 
 
 class Manifest(BaseModel):
@@ -254,7 +281,19 @@ class PolicyBundle:
         return cls(manifest, {k: v.float() for k, v in tensors.items()})
 
     def with_parameters(self, **changes: Any) -> PolicyBundle:
-        """A copy with some steering parameters changed (for ablations and grids)."""
+        """A copy with some steering parameters changed (for ablations and grids).
+
+        ``score_positions`` cannot change: the bundle's statistics were collected over
+        that many positions, so another value needs a new calibration.
+        """
+        k = changes.get("score_positions", self.parameters.score_positions)
+        if k != self.parameters.score_positions:
+            raise InputError(
+                f"policy {self.ref}: its statistics were collected over "
+                f"score_positions={self.parameters.score_positions}; a bundle scoring "
+                f"{k} positions needs its own calibration (guardrail calibrate "
+                f"--score-positions {k})"
+            )
         params = self.parameters.model_copy(update=changes)
         SteeringParameters.model_validate(params.model_dump())
         manifest = self.manifest.model_copy(update={"parameters": params, "digest": None})

@@ -101,9 +101,13 @@ def mars_step(
     eta: Tensor | float | None = None,
     recenter_mode: str = "full",
     apply_recentering_to_activation: bool = False,
+    h_score: Tensor | None = None,
 ) -> StepResult:
     """One MARS step on activations ``h`` of shape ``[..., d]``.
 
+    ``h_score`` (same shape, default ``h``) is the activation the score is read from:
+    the mean over the last ``k`` prompt positions when a policy scores several
+    (``score_positions``); the step is still added to ``h``.
     All arithmetic runs in float32 (or float64 if ``h`` is float64) and the result
     is cast back to ``h``'s dtype. Rows whose strength is zero are returned
     bit-identical to the input unless re-centring is applied to the activation.
@@ -112,7 +116,10 @@ def mars_step(
     hw = h.to(work)
     uw = u.to(work)
     h_c = recenter(hw, delta.to(work), uw, recenter_mode)
-    s = refusal_score(h_c, uw, _t(p_S, work, h), _t(g, work, h))
+    scored = (
+        h_c if h_score is None else recenter(h_score.to(work), delta.to(work), uw, recenter_mode)
+    )
+    s = refusal_score(scored, uw, _t(p_S, work, h), _t(g, work, h))
     a = steering_strength(
         s,
         _t(g, work, h),
@@ -144,7 +151,9 @@ class LayerPlan:
 
     ``rows`` are the batch rows this plan steers (all rows for a single policy;
     a subset when a batch mixes policies); every per-row tensor is indexed like
-    ``rows``. ``positions`` are the ``t*`` of those rows in the prefill sequence.
+    ``rows``. ``positions`` are the ``t*`` of those rows in the prefill sequence;
+    the score reads the mean of the ``score_positions`` positions ending at ``t*``
+    (``starts`` is each row's first attended position, to check they exist).
     After the prefill pass ``score`` and ``strength`` hold the per-row results
     (on the model's device; reading them is the caller's one host sync);
     ``would_strength`` is the strength the rule computed, also when ``apply`` is
@@ -165,6 +174,8 @@ class LayerPlan:
     eta: Tensor
     recenter_mode: str = "full"
     apply_recentering_to_activation: bool = False
+    score_positions: int = 1
+    starts: Tensor | None = None
     apply: bool = True
     fired: bool = False
     score: Tensor | None = None
@@ -189,6 +200,9 @@ class LayerPlan:
         rows = self.rows.to(hidden.device)
         pos = self.positions.to(hidden.device)
         h = hidden[rows, pos]
+        h_score = None
+        if self.score_positions > 1:
+            h_score = window_mean(hidden, rows, pos, self.score_positions, self.starts)
         step = mars_step(
             h,
             u=self.u,
@@ -201,6 +215,7 @@ class LayerPlan:
             eta=self.eta,
             recenter_mode=self.recenter_mode,
             apply_recentering_to_activation=self.apply_recentering_to_activation,
+            h_score=h_score,
         )
         self.score, self.strength, self.would_strength = step.score, step.strength, step.strength
         if self.capture:
@@ -264,6 +279,41 @@ def steering_hooks(
         for handle in handles:
             handle.remove()
         _ACTIVE.reset(token)
+
+
+def window_mean(
+    hidden: Tensor,
+    rows: Tensor,
+    positions: Tensor,
+    k: int,
+    starts: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Mean of ``hidden[rows, positions - j]`` over ``j < k`` (``[n, d]``, in ``dtype``;
+    default float32, or float64 for float64 ``hidden``): the last ``k`` prompt
+    positions of each row, ending at ``t*``.
+
+    Raises:
+        SteeringError: a row has fewer than ``k`` attended positions (``starts``: each
+            row's first attended position; default 0).
+    """
+    first = positions - (k - 1)
+    floor = torch.zeros_like(first) if starts is None else starts.to(first.device)
+    if bool((first < floor).any()):
+        raise SteeringError(
+            f"the policy scores the last {k} prompt positions but a prompt has only "
+            f"{int((positions - floor + 1).min())}; use a policy calibrated with fewer "
+            "score_positions"
+        )
+    offsets = torch.arange(k, device=positions.device)
+    index = (positions.unsqueeze(1) - offsets).to(hidden.device)  # [n, k]
+    work = dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    return hidden[rows.unsqueeze(1).to(hidden.device), index].to(work).mean(1)
+
+
+def first_positions(attention_mask: Tensor) -> Tensor:
+    """Index of the first attended position of each row (left padding ends there)."""
+    return attention_mask.to(torch.long).argmax(dim=1)
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from guardrail.calibrate import (
     collect_last_position,
 )
 from guardrail.datasets import load_prompts
+from guardrail.errors import InputError
 from guardrail.guardrail import Guardrail
 from guardrail.messages import parse_conversation
 from guardrail.neutral import NeutralMedia
@@ -230,3 +231,46 @@ def test_bad_calibration_input_is_named():
         calibrate(model, processor, ["a"] * 4, ["b"] * 4, modalities=["image"], progress=False)
     with pytest.raises(InputError, match="out of range"):
         calibrate(model, processor, ["a"] * 4, ["b"] * 4, layers=[99], progress=False)
+
+
+def test_window_statistics_over_the_last_k_positions():
+    """``score_positions=k`` collects the mean of the last k positions (float64), and a
+    bundle calibrated that way records k and scores the same window when it guards."""
+    model, processor = tiny("llava")
+    adapter = ModelAdapter(model, processor)
+    convs = [parse_conversation(c) for c in ("How do I bake bread?", "Hi there")]
+    inputs = adapter.build_inputs(convs)
+    captured = collect_last_position(adapter, inputs, [1, 2], score_positions=3)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    pos = last_positions(inputs["attention_mask"])
+    for layer in (1, 2):
+        for row in range(2):
+            window = hidden[layer][row, pos[row] - 2 : pos[row] + 1].double().mean(0)
+            assert torch.allclose(captured[layer][row], window, atol=1e-12)
+
+    bundle = calibrate(
+        model,
+        processor,
+        _subset("harmful", 12, 6),
+        _subset("harmless", 12, 6),
+        targets=CalibrationTargets(
+            max_validation=6, lam_grid=(1.0,), kappa_grid=(1.0,), score_positions=3
+        ),
+        media=NeutralMedia(seed=3, image_size=(32, 32)),
+        progress=False,
+        layers=[1, 2],
+    )
+    assert bundle.parameters.score_positions == 3
+    assert bundle.manifest.calibration["targets"]["score_positions"] == 3
+    result = Guardrail(model, processor, bundle).generate("How do I bake bread?", max_new_tokens=2)
+    assert result.score is not None
+    with pytest.raises(InputError, match="score_positions"):
+        calibrate(
+            model,
+            processor,
+            ["a", "b"],
+            ["c", "d"],
+            targets=CalibrationTargets(score_positions=0),
+            progress=False,
+        )

@@ -312,3 +312,48 @@ def test_unsupported_modality_and_model_errors():
 
     with pytest.raises(UnsupportedModelError, match="register_adapter"):
         ModelAdapter(torch.nn.Linear(2, 2), None)
+
+
+@pytest.mark.parametrize("arch", sorted(VIDEO_ARCHS | {"llava"}))
+def test_window_score_reads_last_k_positions_and_steers_t_star_only(arch):
+    """``score_positions=k``: the score is that of the mean of the last k prompt
+    positions; the step still lands at t* alone and equals the pure function."""
+    model, processor = tiny(arch)
+    k = 4
+    guard = Guardrail(model, processor, strong_policy(model, processor, score_positions=k))
+    adapter, policy = guard.adapter, guard.policy
+    l_star = policy.layer
+    batch = conversations(arch)
+    inputs = adapter.build_inputs([parse_conversation(c) for c in batch])
+    t_star = last_positions(inputs["attention_mask"])
+    rows = torch.arange(len(batch))
+
+    plain = Capture(adapter.layers, only=l_star)
+    guard.generate(batch, mode="off", max_new_tokens=2)
+    plain.remove()
+    steered = Capture(adapter.layers, only=l_star)
+    results = guard.generate(batch, max_new_tokens=2)
+    steered.remove()
+    a, b = plain.calls[0][l_star], steered.calls[0][l_star]
+    mask = torch.ones(a.shape[:2], dtype=torch.bool)
+    mask[rows, t_star] = False
+    assert torch.equal(a[mask], b[mask])
+
+    window = torch.stack([a[rows, t_star - j] for j in range(k)]).mean(0)
+    delta = torch.stack(
+        [
+            sum(
+                (policy.delta(m) for m in sorted(parse_conversation(c).modalities)),
+                torch.zeros_like(policy.u),
+            )
+            for c in batch
+        ]
+    )
+    p = policy.parameters
+    kw = dict(u=policy.u, p_S=torch.tensor(policy.p_S), g=torch.tensor(policy.g), delta=delta)
+    kw.update(tau=p.tau, lam=p.lam, kappa=p.kappa, recenter_mode=p.recenter)
+    expected = mars_step(a[rows, t_star], h_score=window, **kw)
+    assert torch.allclose(b[rows, t_star], expected.h, rtol=1e-5, atol=1e-5)
+    assert [r.score for r in results] == pytest.approx(expected.score.tolist(), rel=1e-4, abs=1e-5)
+    single = mars_step(a[rows, t_star], **kw).score
+    assert not torch.allclose(single, expected.score)

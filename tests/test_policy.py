@@ -129,3 +129,30 @@ def test_bad_name_and_parameters_rejected(tiny_llama):
         random_policy(*tiny_llama, name="Bad Name")
     with pytest.raises(Exception, match="finite"):
         random_policy(*tiny_llama).with_parameters(tau=float("nan"))
+
+
+def test_score_positions_are_fixed_at_calibration(tiny_llama):
+    """The statistics were taken over ``score_positions`` positions: a copy may not
+    score another number of them, and the value must be a positive count."""
+    from guardrail.errors import InputError
+
+    bundle = random_policy(*tiny_llama, score_positions=3)
+    assert bundle.parameters.score_positions == 3
+    assert bundle.with_parameters(tau=0.1).parameters.score_positions == 3
+    with pytest.raises(InputError, match="--score-positions 1"):
+        bundle.with_parameters(score_positions=1)
+    with pytest.raises(Exception, match="score_positions"):
+        random_policy(*tiny_llama, score_positions=0)
+
+
+def test_score_positions_round_trip_and_old_bundles_keep_their_bytes(tmp_path, tiny_llama):
+    """k > 1 is saved and read back; k = 1 is not written at all, so bundles written
+    before the option existed keep their digest and signature."""
+    windowed = random_policy(*tiny_llama, score_positions=4)
+    windowed.save_pretrained(tmp_path / "w")
+    assert PolicyBundle.from_pretrained(tmp_path / "w").parameters.score_positions == 4
+    plain = random_policy(*tiny_llama)
+    plain.save_pretrained(tmp_path / "p")
+    written = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    assert "score_positions" not in written["parameters"]
+    assert PolicyBundle.from_pretrained(tmp_path / "p").parameters.score_positions == 1

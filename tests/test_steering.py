@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardrail.steering import last_positions, mars_step, recenter, refusal_score, steering_strength
+from guardrail.errors import SteeringError
+from guardrail.steering import (
+    first_positions,
+    last_positions,
+    mars_step,
+    recenter,
+    refusal_score,
+    steering_strength,
+    window_mean,
+)
 
 finite = st.floats(-50, 50, allow_nan=False, allow_infinity=False)
 positive = st.floats(0.01, 20, allow_nan=False)
@@ -150,3 +159,29 @@ def test_mars_step_applies_recentering_to_activation_when_asked():
 def test_last_positions_with_left_and_right_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert last_positions(mask).tolist() == [4, 4, 2]
+
+
+def test_window_mean_reads_the_last_k_positions_of_each_row():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    rows, pos, starts = torch.arange(2), last_positions(mask), first_positions(mask)
+    assert torch.equal(window_mean(hidden, rows, pos, 1, starts), hidden[rows, pos])
+    got = window_mean(hidden, rows, pos, 3, starts, dtype=torch.float64)
+    assert got.dtype == torch.float64
+    assert torch.equal(got[0], hidden[0, 2:5].double().mean(0))
+    assert torch.equal(got[1], hidden[1, 1:4].double().mean(0))
+    with pytest.raises(SteeringError, match="only 3"):
+        window_mean(hidden, rows, pos, 4, starts)
+
+
+def test_mars_step_scores_h_score_but_steers_h():
+    gen = torch.Generator().manual_seed(0)
+    h, other = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    u = torch.nn.functional.normalize(torch.randn(8, generator=gen), dim=0)
+    kw = dict(u=u, p_S=torch.tensor(0.1), g=torch.tensor(2.0), delta=torch.zeros(8))
+    kw.update(tau=-5.0, lam=1.0, kappa=0.5)
+    own, window = mars_step(h, **kw), mars_step(h, h_score=other, **kw)
+    assert torch.allclose(window.score, mars_step(other, **kw).score)
+    assert not torch.allclose(window.score, own.score)
+    moved = window.h - h
+    assert torch.allclose(moved, window.strength.unsqueeze(-1) * u, atol=1e-6)
