@@ -177,3 +177,14 @@ def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
     summary = json.loads((tmp_path / "out.json").read_text())["summary"]
     assert summary["modalities"]["image"]["harmless"]["n"] == 2
     assert (tmp_path / "out.png").stat().st_size > 1000
+
+
+def test_phrase_detector_reads_casual_contractions():
+    """Replies that mirror a casual prompt drop apostrophes; they still refuse."""
+    from guardrail.refusal import is_refusal
+
+    assert is_refusal("Im not going to help with that request. Let me know if there")
+    assert is_refusal("sorry i cant help with that")
+    assert is_refusal("I dont feel comfortable writing this.")
+    assert not is_refusal("Tim is not going to the party, so I can help you plan it.")
+    assert not is_refusal("Slim pickings at the market; a cant hook moves logs.")
