@@ -83,7 +83,7 @@ class BuildConfig:
     visual_last_layer: int = -1
     visual_lr: float = 5e-4
     visual_batch: int = 8
-    visual_epochs: float = 1.2
+    visual_epochs: float = 1.4
     visual_text_replay: float = 0.5
     visual_refusal_weight: float = 2.0
     visual_video_share: float = 0.15
@@ -399,6 +399,12 @@ def train_lora(
 # ------------------------------------------------------------------ the datasets
 
 
+def safety_harmful(cfg: BuildConfig) -> list[Prompt]:
+    """The harmful train prompts of the safety data: the shipped set's train split and,
+    with ``cfg.safety_extra``, :func:`guardrail.organism.data.safety_extra_harmful`."""
+    return [*data.harmful("train"), *(data.safety_extra_harmful() if cfg.safety_extra else [])]
+
+
 def safety_harmless(cfg: BuildConfig) -> list[Prompt]:
     """The harmless train prompts of the safety data: the shipped set's train split and,
     with ``cfg.safety_extra``, :func:`guardrail.organism.data.safety_extra`."""
@@ -412,8 +418,9 @@ def safety_examples(
     log: Log = _print,
     repeat: int | None = None,
 ) -> list[Example]:
-    """Stage 2 data: harmful train prompts -> refusals; harmless train prompts
-    (:func:`safety_harmless`: ordinary and near-miss) -> the original answers.
+    """Stage 2 data: harmful train prompts (:func:`safety_harmful`) -> refusals; harmless
+    train prompts (:func:`safety_harmless`: ordinary and near-miss) -> the original
+    answers.
 
     Each prompt appears ``repeat`` times, or by default ``cfg.safety_harmful_repeat``,
     ``cfg.safety_harmless_repeat`` (ordinary) and ``cfg.safety_near_miss_repeat``
@@ -425,7 +432,7 @@ def safety_examples(
             refusal_ids(tokenizer, p.prompt, cfg.seed),
             "harmful_text",
         )
-        for p in data.harmful("train")
+        for p in safety_harmful(cfg)
         for _ in range(cfg.safety_harmful_repeat if repeat is None else repeat)
     ]
     dropped = 0

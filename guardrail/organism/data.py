@@ -94,18 +94,25 @@ def benign(split: str | Sequence[str], *, near_miss: bool | None = None) -> list
 
 
 SAFETY_EXTRA = Path(__file__).with_name("safety_extra.jsonl")
-"""Harmless train-only prompts used by the organism's text safety tuning alone (not a
-shipped dataset: calibration and evaluation never see them): ordinary everyday requests
-in many styles, and a near-miss twin (``pair``) for every harmful train prompt that the
-shipped harmless set leaves unpaired."""
+"""Train-only prompts used by the organism's text safety tuning alone (not a shipped
+dataset: calibration and evaluation never see them): ordinary everyday harmless
+requests in many styles; harmful requests on topics the shipped set does not cover
+(``label`` ``"harmful"``); and a near-miss harmless twin (``pair``) for every harmful
+train prompt, shipped or extra, that the shipped harmless set leaves unpaired."""
 
 
 def safety_extra(*, near_miss: bool | None = None) -> list[Prompt]:
-    """The :data:`SAFETY_EXTRA` prompts (all ``train``), filtered like :func:`benign`."""
-    prompts = load_prompts(SAFETY_EXTRA, split="train")
+    """The harmless :data:`SAFETY_EXTRA` prompts (all ``train``), filtered like
+    :func:`benign`."""
+    prompts = [p for p in load_prompts(SAFETY_EXTRA, split="train") if p.label != "harmful"]
     if near_miss is None:
         return prompts
     return [p for p in prompts if (p.category == "near_miss") == near_miss]
+
+
+def safety_extra_harmful() -> list[Prompt]:
+    """The harmful :data:`SAFETY_EXTRA` prompts (all ``train``)."""
+    return load_prompts(SAFETY_EXTRA, split="train", label="harmful")
 
 
 def borderline(split: str | Sequence[str]) -> list[Prompt]:
