@@ -104,6 +104,32 @@ class Capture:
             h.remove()
 
 
+def rule_arguments(policy, batch) -> dict:
+    """The keyword arguments of :func:`mars_step` for ``policy`` on each row of ``batch``:
+    the bundle's statistics and parameters, and per row the sum of the offsets of the
+    modalities it holds."""
+    delta = torch.stack(
+        [
+            sum(
+                (policy.delta(m) for m in sorted(parse_conversation(c).modalities)),
+                torch.zeros_like(policy.u),
+            )
+            for c in batch
+        ]
+    )
+    p = policy.parameters
+    return dict(
+        u=policy.u,
+        p_S=torch.tensor(policy.p_S),
+        g=torch.tensor(policy.g),
+        delta=delta,
+        tau=p.tau,
+        lam=p.lam,
+        kappa=p.kappa,
+        recenter_mode=p.recenter,
+    )
+
+
 def assert_no_hooks(model):
     leftovers = [name for name, m in model.named_modules() if m._forward_pre_hooks]
     assert leftovers == [], f"hooks left behind on {leftovers}"
@@ -139,29 +165,8 @@ def test_prefill_changes_only_t_star_at_l_star(arch):
         if layer <= l_star - 1:
             assert torch.equal(a, b)
     # At l*, t*: exactly the pure-function result.
-    policy = guard.policy
     h = prefill_plain[l_star][rows, t_star]
-    delta = torch.stack(
-        [
-            sum(
-                (policy.delta(m) for m in sorted(parse_conversation(c).modalities)),
-                torch.zeros_like(policy.u),
-            )
-            for c in batch
-        ]
-    )
-    p = policy.parameters
-    expected = mars_step(
-        h,
-        u=policy.u,
-        p_S=torch.tensor(policy.p_S),
-        g=torch.tensor(policy.g),
-        delta=delta,
-        tau=p.tau,
-        lam=p.lam,
-        kappa=p.kappa,
-        recenter_mode=p.recenter,
-    )
+    expected = mars_step(h, **rule_arguments(guard.policy, batch))
     assert torch.equal(prefill_steered[l_star][rows, t_star], expected.h)
     assert [r.score for r in results] == pytest.approx(expected.score.tolist(), rel=1e-5, abs=1e-6)
     assert not torch.equal(expected.h, h)
@@ -340,18 +345,7 @@ def test_window_score_reads_last_k_positions_and_steers_t_star_only(arch):
     assert torch.equal(a[mask], b[mask])
 
     window = torch.stack([a[rows, t_star - j] for j in range(k)]).mean(0)
-    delta = torch.stack(
-        [
-            sum(
-                (policy.delta(m) for m in sorted(parse_conversation(c).modalities)),
-                torch.zeros_like(policy.u),
-            )
-            for c in batch
-        ]
-    )
-    p = policy.parameters
-    kw = dict(u=policy.u, p_S=torch.tensor(policy.p_S), g=torch.tensor(policy.g), delta=delta)
-    kw.update(tau=p.tau, lam=p.lam, kappa=p.kappa, recenter_mode=p.recenter)
+    kw = rule_arguments(policy, batch)
     expected = mars_step(a[rows, t_star], h_score=window, **kw)
     assert torch.allclose(b[rows, t_star], expected.h, rtol=1e-5, atol=1e-5)
     assert [r.score for r in results] == pytest.approx(expected.score.tolist(), rel=1e-4, abs=1e-5)
