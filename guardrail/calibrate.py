@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 import guardrail
 from guardrail.adapters import ModelAdapter
@@ -372,8 +373,10 @@ def calibrate(
     started = time.perf_counter()
     targets = targets or CalibrationTargets()
     k = targets.score_positions
-    if not isinstance(k, int) or not 1 <= k <= 64:
-        raise InputError(f"score_positions must be an integer from 1 to 64, got {k!r}")
+    try:  # the bundle's own bounds, checked before any activation is collected
+        SteeringParameters(score_positions=k)
+    except ValidationError as err:
+        raise InputError(f"score_positions={k!r} is not valid: {err.errors()[0]['msg']}") from err
     media = media or NeutralMedia(seed=seed)
     adapter = ModelAdapter(model, processor)
     mods = sorted(adapter.modalities if modalities is None else set(modalities))
