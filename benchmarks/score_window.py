@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from guardrail.adapters import ModelAdapter  # noqa: E402
-from guardrail.calibrate import collect_windows  # noqa: E402
+from guardrail.calibrate import collect_window_examples  # noqa: E402
 from guardrail.datasets import Prompt, spread  # noqa: E402
 from guardrail.messages import Conversation, parse_conversation  # noqa: E402
 from guardrail.metrics import auroc  # noqa: E402
@@ -40,21 +40,6 @@ ROWS = (
     ("image", "harmful image", "benign image"),
     ("video", "harmful video", "benign video"),
 )
-
-
-def _collect(
-    adapter: ModelAdapter,
-    convs: list[Conversation],
-    layers: list[int],
-    windows: list[int],
-    batch_size: int,
-) -> dict[tuple[int, int], torch.Tensor]:
-    parts: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for i in range(0, len(convs), batch_size):
-        inputs = adapter.build_inputs(convs[i : i + batch_size])
-        for key, acts in collect_windows(adapter, inputs, layers, windows).items():
-            parts.setdefault(key, []).append(acts.cpu())
-    return {key: torch.cat(chunks) for key, chunks in parts.items()}
 
 
 def _scores(
@@ -133,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     means = {
         name: {
             key: acts.mean(0)
-            for key, acts in _collect(adapter, convs, layers, windows, args.batch_size).items()
+            for key, acts in collect_window_examples(
+                adapter, convs, layers, windows, batch_size=args.batch_size
+            ).items()
         }
         for name, convs in train.items()
     }
     acts = {
-        name: _collect(adapter, convs, layers, windows, args.batch_size)
+        name: collect_window_examples(adapter, convs, layers, windows, batch_size=args.batch_size)
         for name, convs in val.items()
     }
 

@@ -225,6 +225,24 @@ def accumulate_means(
     return {layer: total / count for layer, total in sums.items()}
 
 
+def collect_window_examples(
+    adapter: ModelAdapter,
+    conversations: Iterable[Conversation],
+    layers: Sequence[int],
+    windows: Sequence[int] = (1,),
+    *,
+    batch_size: int = 8,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Per-example activations for every ``(layer, k)`` (``[n, d]`` float64 each: the
+    mean of the last ``k`` positions), one forward pass per batch, for small sets."""
+    parts: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for batch in _batches(conversations, batch_size):
+        captured = collect_windows(adapter, adapter.build_inputs(batch), layers, windows)
+        for key, acts in captured.items():
+            parts.setdefault(key, []).append(acts.cpu())
+    return {key: torch.cat(chunks) for key, chunks in parts.items()}
+
+
 def collect_examples(
     adapter: ModelAdapter,
     conversations: Iterable[Conversation],
@@ -235,14 +253,10 @@ def collect_examples(
 ) -> dict[int, torch.Tensor]:
     """Per-example ``t*`` activations (``[n, d]`` float64 per layer; each the mean of its
     last ``score_positions`` positions), for small sets."""
-    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for batch in _batches(conversations, batch_size):
-        captured = collect_last_position(
-            adapter, adapter.build_inputs(batch), layers, score_positions
-        )
-        for layer in layers:
-            parts[layer].append(captured[layer].cpu())
-    return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
+    acts = collect_window_examples(
+        adapter, conversations, layers, (score_positions,), batch_size=batch_size
+    )
+    return {layer: acts[layer, score_positions] for layer in layers}
 
 
 # --------------------------------------------------------------------------- first-token evaluation
