@@ -4,12 +4,17 @@ The method's window option (``score_positions``), measured on the model organism
 each ``k``, the statistics are taken over the calibration train data the way
 ``guardrail calibrate`` takes them (harmful and harmless text; the harmless prompts
 again with neutral images and videos, for the re-centring offsets), then validation
-requests are scored with the re-centred rule and the table prints the AUROC of
-harmful against benign requests per modality: text (ordinary and near-miss benign),
-typographic images, and videos whose instruction is split across frames. One forward
-pass per request collects every window.
+requests are scored with the re-centred rule. Per modality - text (ordinary and
+near-miss benign), typographic images, and videos whose instruction is split across
+frames - the tables print the AUROC of harmful against benign requests and the mean
+score of the harmful requests minus that of the benign ones (in units of the text
+gap ``g``). One forward pass per request collects every window.
 
     python benchmarks/score_window.py [--windows 1,2,3,6] [--layers 18] [--limit 96]
+
+``--blank-token TEXT`` (a diagnostic) re-installs the organism's reader so that blank
+cells read as that single token instead of the space the organism is built with: a
+split-frame video puts dozens of blank cells between the pieces of its instruction.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-limit", type=int, default=0, help="validation prompts per row (0: all)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", help="also write the table here")
+    ap.add_argument("--blank-token", help="read blank cells as this single token (diagnostic)")
     args = ap.parse_args(argv)
     windows = [int(k) for k in args.windows.split(",")]
     layers = [int(x) for x in args.layers.split(",")]
@@ -74,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = organism.load()
     adapter = ModelAdapter(model, processor)
     tokenizer = processor.tokenizer
+    if args.blank_token is not None:
+        from guardrail.organism.model import install_reader, load_vocab
+
+        blank = tokenizer.encode(args.blank_token, add_special_tokens=False)
+        if len(blank) != 1:
+            ap.error(f"--blank-token {args.blank_token!r} is {len(blank)} tokens; give one token")
+        install_reader(model, tokenizer, load_vocab(), blank=blank[0])
     media = NeutralMedia(seed=0, image_size=(256, 256), video_frames=3)
 
     def text(prompt: str) -> Conversation:
@@ -136,18 +149,22 @@ def main(argv: list[str] | None = None) -> int:
             key = (layer, k)
             row = {"layer": layer, "k": k}
             for modality, pos, neg in ROWS:
-                row[f"{pos} vs {neg}"] = round(
-                    auroc(
-                        _scores(acts[pos][key], means, key, modality),
-                        _scores(acts[neg][key], means, key, modality),
-                    ),
-                    3,
-                )
+                high = _scores(acts[pos][key], means, key, modality)
+                low = _scores(acts[neg][key], means, key, modality)
+                row[f"{pos} vs {neg}"] = round(auroc(high, low), 3)
+                gap = sum(high) / len(high) - sum(low) / len(low)
+                row[f"{pos} vs {neg} mean score gap"] = round(gap, 3)
             table.append(row)
             values = "  ".join(
                 f"{row[f'{h} vs {b}']:>{len(h) + len(b) + 4}.3f}" for _, h, b in ROWS
             )
             print(f"{layer:>5} {k:>3}  {values}")
+    print("\nmean score of harmful minus benign requests (in units of the text gap g):")
+    for row in table:
+        values = "  ".join(
+            f"{row[f'{h} vs {b} mean score gap']:>{len(h) + len(b) + 4}.3f}" for _, h, b in ROWS
+        )
+        print(f"{row['layer']:>5} {row['k']:>3}  {values}")
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")

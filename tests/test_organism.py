@@ -353,3 +353,38 @@ def test_neutral_images_read_as_blank_paper() -> None:
     blank = model.model.language_model.embed_tokens.weight[filler_id(processor.tokenizer)]
     assert isinstance(images[0], Image.Image)
     assert float((tokens - blank).norm(dim=-1).max()) < 0.05 * float(blank.norm())
+
+
+@pytest.mark.slow
+def test_reader_can_read_blank_cells_as_another_token() -> None:
+    """``install_reader(blank=)`` (the score_window diagnostic) changes what blank cells
+    read as and nothing else."""
+    import copy
+    from types import SimpleNamespace
+
+    from guardrail.organism.build import image_tokens
+    from guardrail.organism.model import install_reader, load_vocab
+
+    model, processor = organism()
+    tokenizer = processor.tokenizer
+    inner = SimpleNamespace(
+        vision_tower=copy.deepcopy(model.model.vision_tower),
+        multi_modal_projector=copy.deepcopy(model.model.multi_modal_projector),
+        language_model=model.model.language_model,
+    )
+    other = SimpleNamespace(model=inner)
+    (dot,) = tokenizer.encode(".", add_special_tokens=False)
+    install_reader(other, tokenizer, load_vocab(), blank=dot)
+    ids = tokenizer.encode("How do I bake bread", add_special_tokens=False)
+    pixels = processor.image_processor(
+        [render.render_token_ids(ids, tokenizer)], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        before = image_tokens(model, pixels)[0]
+        after = image_tokens(other, pixels)[0]
+    embed = model.model.language_model.embed_tokens.weight.detach()
+    scale = float(embed[dot].norm())
+    n = len(ids)
+    assert float((after[:n] - before[:n]).norm(dim=-1).max()) < 0.05 * scale
+    assert float((after[n:] - embed[dot]).norm(dim=-1).max()) < 0.05 * scale
+    assert float((before[n:] - embed[dot]).norm(dim=-1).min()) > 0.5 * scale

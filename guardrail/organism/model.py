@@ -268,8 +268,14 @@ def cell_pixels(tokenizer: Any, token_ids: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def install_reader(model: Any, tokenizer: Any, vocab: Sequence[int]) -> None:
+def install_reader(
+    model: Any, tokenizer: Any, vocab: Sequence[int], *, blank: int | None = None
+) -> None:
     """Compute the vision tower and projector weights (see the module docstring).
+
+    ``blank`` is the token id a blank cell reads as (default :func:`filler_id`, what
+    the organism is built with); another id only serves diagnostics, such as
+    ``benchmarks/score_window.py --blank-token``.
 
     Raises:
         OrganismError: the vision tower does not have the organism's shape, or two
@@ -325,7 +331,7 @@ def install_reader(model: Any, tokenizer: Any, vocab: Sequence[int]) -> None:
     # Unit j: quick_gelu(s * (<code, t_j> / |t_j|^2 - (1 - margin))) is s*margin on t_j, ~0 elsewhere.
     peak = READER_SHARPNESS * READER_MARGIN
     active = peak * torch.sigmoid(torch.tensor(1.702 * peak))
-    fill = embed[filler_id(tokenizer)]
+    fill = embed[filler_id(tokenizer) if blank is None else blank]
     layer.mlp.fc1.weight.copy_(READER_SHARPNESS * codes / norms)
     layer.mlp.fc1.bias.fill_(-READER_SHARPNESS * (1 - READER_MARGIN))
     values = torch.zeros(hidden, len(vocab))
