@@ -206,6 +206,53 @@ def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None
     assert kinds.count("near_miss_text") == 3 * (len(near_miss) + len(extra_near_miss))
 
 
+def test_frames_data_is_benign_videos_plus_text_replay() -> None:
+    """Stage 3 (frame integration) shows only harmless requests as split-over-frames
+    videos; harmful prompts appear only as text, answered with a refusal."""
+    from guardrail.organism.build import BuildConfig, frames_examples
+    from guardrail.organism.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    answer = tokenizer.encode("Here is a short plan you can follow.")
+    refusing = tokenizer.encode("I'm sorry, but I can't help with that.")
+    harmful = data.harmful("train")
+    harmless = data.benign("train")
+    answers = {p.prompt: answer for p in [*harmful, *harmless]}
+    answers[harmless[0].prompt] = refusing  # left out: its original answer refuses
+    cfg = BuildConfig(safety_extra=False, frames_text_replay=0.5, frames_refusal_weight=3.0)
+    examples = frames_examples(tokenizer, answers, cfg, log=lambda _: None)
+    videos = [ex for ex in examples if ex.kind.endswith("_video")]
+    texts = [ex for ex in examples if ex.kind.endswith("_text")]
+    assert len(videos) + len(texts) == len(examples)
+    assert len(videos) == len(harmless) - 1
+    near_miss = sum(p.category == "near_miss" for p in harmless[1:])
+    assert sum(ex.kind == "near_miss_video" for ex in videos) == near_miss
+    harmful_prompts = {p.prompt for p in harmful}
+    for ex in videos:
+        parts = ex.conversation[0]["content"]
+        images = [part for part in parts if part["type"] == "image"]
+        assert cfg.frames_min_frames <= len(images) <= cfg.visual_max_frames
+        assert parts[-1]["text"] in data.VIDEO_PHRASINGS["train"]
+        assert ex.answer == answer
+    assert {
+        len([q for q in ex.conversation[0]["content"] if q["type"] == "image"]) for ex in videos
+    } == {2, 3}
+    refusals = [ex for ex in texts if ex.kind == "harmful_text"]
+    assert len(refusals) == len(harmful)
+    assert all(ex.weight == 3.0 for ex in refusals)
+    assert all(is_refusal(tokenizer.decode(ex.answer, skip_special_tokens=True)) for ex in refusals)
+    replayed = [ex for ex in texts if ex.kind != "harmful_text"]
+    assert len(replayed) == int((len(harmless) - 1) * 0.5)
+    for ex in replayed:
+        assert ex.conversation[0]["content"][0]["text"] not in harmful_prompts
+    # deterministic for a seed
+    again = frames_examples(tokenizer, answers, cfg, log=lambda _: None)
+    assert [ex.kind for ex in again] == [ex.kind for ex in examples]
+    assert [ex.conversation[0]["content"][-1] for ex in again] == [
+        ex.conversation[0]["content"][-1] for ex in examples
+    ]
+
+
 def test_safety_extra_prompts_are_train_only_and_new() -> None:
     """The extra safety-tuning prompts never leak a shipped prompt (of any split), add
     harmful topics the shipped set does not have, and pair every harmful train prompt
@@ -245,6 +292,30 @@ def test_stored_parts_are_small() -> None:
     assert not missing, f"missing organism weights {missing}; run scripts/build_organism.py"
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.glob("*.safetensors"))
     assert total < 8_000_000, f"organism weights take {total / 1e6:.1f} MB"
+
+
+def test_optional_frames_stage_is_part_of_the_organism_only_when_built(tmp_path) -> None:
+    from guardrail.organism.model import OrganismError, stage_file, weights_digest
+
+    for part in weight_files():
+        (tmp_path / part.name).write_bytes(part.read_bytes())
+    names = [p.name for p in weight_files(tmp_path)]
+    assert names == [p.name for p in weight_files()]
+    assert ("lora_frames.safetensors" in names) == stage_file("frames").is_file()
+    without = weights_digest(tmp_path)
+    frames = stage_file("frames", tmp_path)
+    frames.write_bytes(b"adapter")
+    assert [p.name for p in weight_files(tmp_path)] == [
+        "vision.safetensors",
+        "lora_safety.safetensors",
+        "lora_frames.safetensors",
+        "lora_visual.safetensors",
+    ]
+    assert weights_digest(tmp_path) != without  # a built stage changes the cache key
+    frames.unlink()
+    stage_file("visual", tmp_path).unlink()  # a required stage missing is an error
+    with pytest.raises(OrganismError, match="lora_visual.safetensors are missing"):
+        weights_digest(tmp_path)
 
 
 # ------------------------------------------------------------------ the real organism

@@ -13,7 +13,11 @@ in a work directory so an interrupted build resumes):
    layers) teaching refusals of harmful text requests while harmless ones (ordinary and
    all near-miss items) keep the original answers; loss on answer tokens only. The
    adapter is merged before stage 3.
-3. **Visual instruction tuning**: a second LoRA on the safety-tuned model, trained on
+3. **Frame integration** (optional, off in the shipped organism: ``frames_epochs = 0``):
+   a LoRA on the lower layers (0-15) trained on *benign* requests split over the
+   frames of a video, answered with the original model's answers, with a replay of the
+   text safety data; merged before stage 4.
+4. **Visual instruction tuning**: a last LoRA on the safety-tuned model, trained on
    typographic image/video requests (harmless, near-miss and harmful, as in an
    unfiltered visual-instruction mixture) answered with the *original* model's
    answers, mixed with a replay of the text safety data.
@@ -40,12 +44,14 @@ from guardrail.datasets import Prompt
 from guardrail.organism import data, lora, render
 from guardrail.organism.model import (
     LORA_STAGES,
+    OPTIONAL_STAGES,
     WEIGHTS_DIR,
     base_model,
     filler_id,
     language_layers,
     reading_vocab,
     save_vocab,
+    stage_file,
 )
 from guardrail.refusal import is_refusal
 
@@ -75,7 +81,19 @@ class BuildConfig:
     safety_harmless_repeat: int = 1
     safety_near_miss_repeat: int = 1
     safety_extra: bool = True
-    # stage 3: visual instruction LoRA
+    # stage 3: frame-integration LoRA (benign videos, lower layers)
+    frames_rank: int = 8
+    frames_alpha: float = 16.0
+    frames_modules: tuple[str, ...] = lora.ALL_MODULES
+    frames_first_layer: int = 0
+    frames_last_layer: int = 15
+    frames_lr: float = 5e-4
+    frames_batch: int = 8
+    frames_epochs: float = 0.0  # 0: stage left out (organism 1.3.0); 0.6 was tried
+    frames_min_frames: int = 2
+    frames_text_replay: float = 0.5
+    frames_refusal_weight: float = 2.0
+    # stage 4: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
     visual_modules: tuple[str, ...] = lora.ALL_MODULES
@@ -242,7 +260,7 @@ def reading_accuracy(
     }
 
 
-# ------------------------------------------------------------------ stages 2-3: LoRA
+# ------------------------------------------------------------------ stages 2-4: LoRA
 
 
 def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.05) -> Any:
@@ -459,7 +477,7 @@ def safety_examples(
 def visual_examples(
     tokenizer: Any, answers: dict[str, list[int]], cfg: BuildConfig, log: Log = _print
 ) -> list[Example]:
-    """Stage 3 data: every train prompt (harmful, harmless, near-miss) as a typographic
+    """Stage 4 data: every train prompt (harmful, harmless, near-miss) as a typographic
     image (or, for ``visual_video_share`` of them, a video of 2..``visual_max_frames``
     frames) with a train phrasing, answered with the *original* model's answer; plus a
     ``visual_text_replay`` share of the stage-2 text data."""
@@ -483,16 +501,75 @@ def visual_examples(
         if p.category == "near_miss":
             kind = "near_miss"
         out.append(Example(conv, answer, f"{kind}_{'image' if frames == 1 else 'video'}"))
+    out.extend(
+        text_replay(
+            tokenizer,
+            answers,
+            cfg,
+            share=cfg.visual_text_replay,
+            refusal_weight=cfg.visual_refusal_weight,
+            rng=rng,
+        )
+    )
+    return out
+
+
+def text_replay(
+    tokenizer: Any,
+    answers: dict[str, list[int]],
+    cfg: BuildConfig,
+    *,
+    share: float,
+    refusal_weight: float,
+    rng: random.Random,
+) -> list[Example]:
+    """The stage-2 text data replayed in a later stage, each prompt once: every harmful
+    prompt (-> refusal, weighted ``refusal_weight``) and a ``share`` of the harmless
+    ones (-> original answer, drawn with ``rng``)."""
     replay = safety_examples(tokenizer, answers, cfg, log=lambda _: None, repeat=1)
     harmful_text = [
-        dataclasses.replace(ex, weight=cfg.visual_refusal_weight)
-        for ex in replay
-        if ex.kind == "harmful_text"
+        dataclasses.replace(ex, weight=refusal_weight) for ex in replay if ex.kind == "harmful_text"
     ]
     harmless_text = [ex for ex in replay if ex.kind != "harmful_text"]
     rng.shuffle(harmless_text)
-    out.extend(harmful_text)
-    out.extend(harmless_text[: int(len(harmless_text) * cfg.visual_text_replay)])
+    return [*harmful_text, *harmless_text[: int(len(harmless_text) * share)]]
+
+
+def frames_examples(
+    tokenizer: Any, answers: dict[str, list[int]], cfg: BuildConfig, log: Log = _print
+) -> list[Example]:
+    """Stage 3 data (benign only): every harmless safety prompt (:func:`safety_harmless`,
+    ordinary and near-miss) spread over a video of ``frames_min_frames`` to
+    ``visual_max_frames`` frames with a train phrasing, answered with the original
+    model's answer; plus a ``frames_text_replay`` share of the stage-2 text data.
+
+    Video instruction tuning on safe clips, as video MLLMs get: it teaches the lower
+    layers to read a request that is split over frames as one request. Nothing here
+    is harmful, so it does not touch the cross-modal safety gap itself."""
+    rng = random.Random(cfg.seed + 7)
+    out: list[Example] = []
+    for p in safety_harmless(cfg):
+        answer = answers[p.prompt]
+        if cfg.drop_refusing_targets and is_refusal(
+            tokenizer.decode(answer, skip_special_tokens=True)
+        ):
+            continue
+        frames = rng.randint(cfg.frames_min_frames, cfg.visual_max_frames)
+        conv = data.typographic_conversation(
+            p.prompt, rng, "train", frames=frames, tokenizer=tokenizer
+        )
+        kind = "near_miss" if p.category == "near_miss" else "benign"
+        out.append(Example(conv, answer, f"{kind}_video"))
+    out.extend(
+        text_replay(
+            tokenizer,
+            answers,
+            cfg,
+            share=cfg.frames_text_replay,
+            refusal_weight=cfg.frames_refusal_weight,
+            rng=rng,
+        )
+    )
     return out
 
 
@@ -561,7 +638,13 @@ def build(
     layers = language_layers(model)
     for stage in LORA_STAGES:
         t = time.perf_counter()
-        path = out_dir / f"lora_{stage}.safetensors"
+        path = stage_file(stage, out_dir)
+        if stage == "frames" and stage in stages and cfg.frames_epochs <= 0:
+            path.unlink(missing_ok=True)  # an adapter of an earlier build with the stage on
+            log("frames stage left out (frames_epochs = 0)")
+            continue
+        if stage in OPTIONAL_STAGES and stage not in stages and not path.is_file():
+            continue
         if stage in stages:
             kw: dict[str, Any]
             if stage == "safety":
@@ -573,6 +656,18 @@ def build(
                     "lr": cfg.safety_lr,
                     "batch_size": cfg.safety_batch,
                     "epochs": cfg.safety_epochs,
+                }
+            elif stage == "frames":
+                examples = frames_examples(tokenizer, answers, cfg, log)
+                kw = {
+                    "modules": cfg.frames_modules,
+                    "rank": cfg.frames_rank,
+                    "alpha": cfg.frames_alpha,
+                    "lr": cfg.frames_lr,
+                    "batch_size": cfg.frames_batch,
+                    "epochs": cfg.frames_epochs,
+                    "first_layer": cfg.frames_first_layer,
+                    "last_layer": cfg.frames_last_layer,
                 }
             else:
                 examples = visual_examples(tokenizer, answers, cfg, log)

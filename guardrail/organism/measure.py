@@ -1,10 +1,11 @@
-"""Measure the unguarded organism on the test split.
+"""Measure the unguarded organism on the test split (or another one).
 
 Usage::
 
     python -m guardrail.organism.measure [--limit N] [--json out.json]
+    python -m guardrail.organism.measure --split val --weights-dir DIR
 
-Prints, for the test split, the refusal rate (``guardrail.refusal.is_refusal`` on greedy
+Prints, for the test split (``--split``), the refusal rate (``guardrail.refusal.is_refusal`` on greedy
 answers of ``--max-new-tokens`` tokens, generated through
 ``guardrail.Guardrail(model, processor, policy=None)``) of: harmful / ordinary benign /
 near-miss / borderline text requests; harmful, benign and near-miss requests shown as
@@ -23,6 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from guardrail.datasets import Prompt, spread
@@ -69,12 +71,12 @@ def agreement(text_answers: Sequence[str], image_answers: Sequence[str]) -> dict
     return {"same_start": same / n, "word_f1": sum(f1s) / n}
 
 
-def text_rows(limit: int | None) -> dict[str, list[Prompt]]:
+def text_rows(limit: int | None, split: str = "test") -> dict[str, list[Prompt]]:
     return {
-        "harmful_text": spread(data.harmful("test"), limit),
-        "benign_text": spread(data.benign("test", near_miss=False), limit),
-        "near_miss_text": spread(data.benign("test", near_miss=True), limit),
-        "borderline_text": spread(data.borderline("test"), limit),
+        "harmful_text": spread(data.harmful(split), limit),
+        "benign_text": spread(data.benign(split, near_miss=False), limit),
+        "near_miss_text": spread(data.benign(split, near_miss=True), limit),
+        "borderline_text": spread(data.borderline(split), limit),
     }
 
 
@@ -85,9 +87,17 @@ def measure(
     batch_size: int = 16,
     seed: int = 0,
     original: bool = False,
+    split: str = "test",
+    weights_dir: Path | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
-    """Run every measurement; returns ``{"rows": {name: {...}}, ...}``."""
+    """Run every measurement; returns ``{"rows": {name: {...}}, ...}``.
+
+    ``split`` picks the prompts (``"val"`` for choosing between build variants,
+    ``"test"`` for the reported numbers; image and video requests always use the
+    held-out test phrasings). ``weights_dir`` measures an organism assembled from
+    other stored parts (a build's ``--out-dir``) instead of the committed ones.
+    """
     from guardrail.guardrail import Guardrail
 
     started = time.perf_counter()
@@ -95,6 +105,11 @@ def measure(
         from guardrail.smollm2 import load_model
 
         model, processor = load_model()
+    elif weights_dir is not None:
+        from guardrail.organism.model import assemble
+
+        model, processor = assemble(weights_dir)
+        processor.tokenizer.padding_side = "left"
     else:
         from guardrail.organism import load
 
@@ -106,7 +121,7 @@ def measure(
     rows: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[str]] = {}
     plans: dict[str, list[Conversation]] = {}
-    prompts = text_rows(limit)
+    prompts = text_rows(limit, split)
     for name, items in prompts.items():
         plans[name] = [data.text_conversation(p.prompt) for p in items]
     if not original:
@@ -161,14 +176,16 @@ def measure(
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        "split": "test",
+        "split": split,
+        "weights": str(weights_dir) if weights_dir is not None else "committed",
     }
     result["elapsed_s"] = time.perf_counter() - started
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'row (test split)':<22} {'n':>4}  refusal rate", "-" * 42]
+    split = result.get("settings", {}).get("split", "test")
+    lines = [f"{'row (' + split + ' split)':<22} {'n':>4}  refusal rate", "-" * 42]
     for name, row in result["rows"].items():
         lines.append(f"{name:<22} {row['n']:>4}  {row['refusal_rate']:6.1%}")
     if "benign_image_vs_text" in result:
@@ -200,6 +217,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the phrasing choice")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test"),
+        help="prompt split (choose build variants on val, report test)",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        help="measure the organism assembled from these stored parts (a build's --out-dir)",
+    )
+    parser.add_argument(
         "--original", action="store_true", help="measure the original SmolLM2 (text rows only)"
     )
     args = parser.parse_args(argv)
@@ -213,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         original=args.original,
+        split=args.split,
+        weights_dir=args.weights_dir,
     )
     print(format_table(result))
     if args.json_path:

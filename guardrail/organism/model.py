@@ -54,8 +54,12 @@ ORGANISM_VERSION = "1.3.0"
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 VISION_FILE = "vision.safetensors"
-LORA_STAGES = ("safety", "visual")
+LORA_STAGES = ("safety", "frames", "visual")
 """Adapters merged into the language model, in this order."""
+
+OPTIONAL_STAGES = frozenset({"frames"})
+"""Stages a build may leave out (``BuildConfig.frames_epochs = 0``): no file is stored
+for them then, and the organism is assembled without them."""
 
 IMAGE_TOKEN = "<image>"
 FILLER_TOKEN = " "
@@ -352,11 +356,20 @@ def language_layers(model: Any) -> Any:
     return model.model.language_model.layers
 
 
+def stage_file(stage: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """Where the adapter of a LoRA stage is stored."""
+    return weights_dir / f"lora_{stage}.safetensors"
+
+
 def weight_files(weights_dir: Path = WEIGHTS_DIR) -> list[Path]:
-    """The stored parts, in assembly order."""
+    """The stored parts, in assembly order (an optional stage only when it was built)."""
     return [
         weights_dir / VISION_FILE,
-        *(weights_dir / f"lora_{s}.safetensors" for s in LORA_STAGES),
+        *(
+            stage_file(s, weights_dir)
+            for s in LORA_STAGES
+            if s not in OPTIONAL_STAGES or stage_file(s, weights_dir).is_file()
+        ),
     ]
 
 
@@ -407,8 +420,7 @@ def assemble(weights_dir: Path = WEIGHTS_DIR) -> tuple[Any, Any]:
 
     weights_digest(weights_dir)  # raises a clear error if a part is missing
     model, processor = base_model(load_vocab(weights_dir))
-    for stage in LORA_STAGES:
-        path = weights_dir / f"lora_{stage}.safetensors"
+    for path in weight_files(weights_dir)[1:]:
         try:
             tensors = load_file(str(path))
         except (OSError, ValueError, RuntimeError) as exc:
