@@ -13,8 +13,9 @@ Rows (all at the bundle's layer l* unless stated; ``kappa``, ``lam``, ``tau`` fr
 - ``full MARS, poor layer``: the same recipe calibrated at an early layer.
 
 Columns: refusal on harmful text / image / video, over-refusal on benign text,
-image and video (ordinary harmless prompts) and on near-miss text and image (a
-harmful request with the harmful part swapped for a benign one), and utility (share
+image and video (ordinary harmless prompts), on near-miss text and image (a
+harmful request with the harmful part swapped for a benign one) and on
+borderline-safe text (safe requests that sound risky), and utility (share
 of ordinary benign text, image and video answers identical to the unguarded ones).
 The claims checked below the table are printed as CONFIRMED or NOT SHOWN, never
 tuned.
@@ -101,6 +102,7 @@ def main() -> int:
     harmful = test_prompts("harmful")
     benign = test_prompts("harmless", exclude_category="near_miss")
     near_miss = test_prompts("harmless", category="near_miss")
+    borderline = test_prompts("borderline")
 
     poor_layer = args.poor_layer if args.poor_layer is not None else max(1, guard.adapter.num_layers // 10)
     poor = calibrate(
@@ -121,9 +123,11 @@ def main() -> int:
         sets[("near-miss", "image")] = conversations(near_miss, "image", renderer)
     if "video" in modalities:
         sets[("benign", "video")] = conversations(benign, "video", renderer)
+    sets[("borderline", "text")] = conversations(borderline, "text", renderer)
     prompts = ({("harmful", m): harmful for m in ("text", *modalities)}
                | {("benign", m): benign for m in ("text", *modalities)}
-               | {("near-miss", m): near_miss for m in ("text", "image")})
+               | {("near-miss", m): near_miss for m in ("text", "image")}
+               | {("borderline", "text"): borderline})
 
     table: dict[str, dict[str, float]] = {}
     reference: dict[tuple[str, str], list[Any]] = {}
@@ -147,6 +151,7 @@ def main() -> int:
           f"{args.limit} test prompts per set)\n")
     print("| configuration | " + " | ".join(c.replace("benign", "over-refusal benign")
                                              .replace("near-miss", "over-refusal near-miss")
+                                             .replace("borderline", "over-refusal borderline")
                                              .replace("harmful", "refusal harmful") for c in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for name, row in table.items():
