@@ -417,6 +417,14 @@ def train_lora(
 # ------------------------------------------------------------------ the datasets
 
 
+def _refusing_target(tokenizer: Any, answer: list[int], cfg: BuildConfig) -> bool:
+    """Whether a harmless prompt's original ``answer`` is left out of the training data
+    because it already reads as a refusal (``cfg.drop_refusing_targets``)."""
+    return cfg.drop_refusing_targets and is_refusal(
+        tokenizer.decode(answer, skip_special_tokens=True)
+    )
+
+
 def safety_harmful(cfg: BuildConfig) -> list[Prompt]:
     """The harmful train prompts of the safety data: the shipped set's train split and,
     with ``cfg.safety_extra``, :func:`guardrail.organism.data.safety_extra_harmful`."""
@@ -456,9 +464,7 @@ def safety_examples(
     dropped = 0
     for p in safety_harmless(cfg):
         answer = answers[p.prompt]
-        if cfg.drop_refusing_targets and is_refusal(
-            tokenizer.decode(answer, skip_special_tokens=True)
-        ):
+        if _refusing_target(tokenizer, answer, cfg):
             dropped += 1
             continue
         near_miss = p.category == "near_miss"
@@ -485,11 +491,7 @@ def visual_examples(
     out: list[Example] = []
     for p in [*data.harmful("train"), *data.benign("train")]:
         answer = answers[p.prompt]
-        if (
-            p.label == "harmless"
-            and cfg.drop_refusing_targets
-            and is_refusal(tokenizer.decode(answer, skip_special_tokens=True))
-        ):
+        if p.label == "harmless" and _refusing_target(tokenizer, answer, cfg):
             continue
         frames = 1
         if rng.random() < cfg.visual_video_share:
@@ -550,9 +552,7 @@ def frames_examples(
     out: list[Example] = []
     for p in safety_harmless(cfg):
         answer = answers[p.prompt]
-        if cfg.drop_refusing_targets and is_refusal(
-            tokenizer.decode(answer, skip_special_tokens=True)
-        ):
+        if _refusing_target(tokenizer, answer, cfg):
             continue
         frames = rng.randint(cfg.frames_min_frames, cfg.visual_max_frames)
         conv = data.typographic_conversation(
@@ -571,6 +571,35 @@ def frames_examples(
         )
     )
     return out
+
+
+STAGE_DATA: dict[str, Callable[..., list[Example]]] = {
+    "safety": safety_examples,
+    "frames": frames_examples,
+    "visual": visual_examples,
+}
+"""The training data of each LoRA stage: ``(tokenizer, answers, cfg, log) -> examples``."""
+
+_STAGE_OPTIONS = {
+    "modules": "modules",
+    "rank": "rank",
+    "alpha": "alpha",
+    "lr": "lr",
+    "batch_size": "batch",
+    "epochs": "epochs",
+    "first_layer": "first_layer",
+    "last_layer": "last_layer",
+}
+
+
+def _stage_options(cfg: BuildConfig, stage: str) -> dict[str, Any]:
+    """:func:`train_lora` keyword arguments of ``stage``, from its ``<stage>_*`` fields of
+    ``cfg`` (a stage without layer fields covers every layer)."""
+    return {
+        arg: getattr(cfg, f"{stage}_{name}")
+        for arg, name in _STAGE_OPTIONS.items()
+        if hasattr(cfg, f"{stage}_{name}")
+    }
 
 
 def _counts(examples: Sequence[Example]) -> dict[str, int]:
@@ -639,48 +668,18 @@ def build(
     for stage in LORA_STAGES:
         t = time.perf_counter()
         path = stage_file(stage, out_dir)
-        if stage == "frames" and stage in stages and cfg.frames_epochs <= 0:
+        if (
+            stage in OPTIONAL_STAGES
+            and stage in stages
+            and _stage_options(cfg, stage)["epochs"] <= 0
+        ):
             path.unlink(missing_ok=True)  # an adapter of an earlier build with the stage on
-            log("frames stage left out (frames_epochs = 0)")
+            log(f"{stage} stage left out ({stage}_epochs = 0)")
             continue
         if stage in OPTIONAL_STAGES and stage not in stages and not path.is_file():
             continue
         if stage in stages:
-            kw: dict[str, Any]
-            if stage == "safety":
-                examples = safety_examples(tokenizer, answers, cfg, log)
-                kw = {
-                    "modules": cfg.safety_modules,
-                    "rank": cfg.safety_rank,
-                    "alpha": cfg.safety_alpha,
-                    "lr": cfg.safety_lr,
-                    "batch_size": cfg.safety_batch,
-                    "epochs": cfg.safety_epochs,
-                }
-            elif stage == "frames":
-                examples = frames_examples(tokenizer, answers, cfg, log)
-                kw = {
-                    "modules": cfg.frames_modules,
-                    "rank": cfg.frames_rank,
-                    "alpha": cfg.frames_alpha,
-                    "lr": cfg.frames_lr,
-                    "batch_size": cfg.frames_batch,
-                    "epochs": cfg.frames_epochs,
-                    "first_layer": cfg.frames_first_layer,
-                    "last_layer": cfg.frames_last_layer,
-                }
-            else:
-                examples = visual_examples(tokenizer, answers, cfg, log)
-                kw = {
-                    "modules": cfg.visual_modules,
-                    "rank": cfg.visual_rank,
-                    "alpha": cfg.visual_alpha,
-                    "lr": cfg.visual_lr,
-                    "batch_size": cfg.visual_batch,
-                    "epochs": cfg.visual_epochs,
-                    "first_layer": cfg.visual_first_layer,
-                    "last_layer": cfg.visual_last_layer,
-                }
+            examples = STAGE_DATA[stage](tokenizer, answers, cfg, log)
             for kind, n in _counts(examples).items():
                 report.counts[f"{stage}_{kind}"] = n
             log(f"{stage} data: {_counts(examples)}")
@@ -693,7 +692,7 @@ def build(
                 max_answer=cfg.train_answer_tokens,
                 emphasis=(cfg.emphasis_tokens, cfg.emphasis_weight),
                 log=log,
-                **kw,
+                **_stage_options(cfg, stage),
             )
             report.losses[stage] = losses
             save_file(tensors, str(path))
