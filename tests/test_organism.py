@@ -253,6 +253,43 @@ def test_frames_data_is_benign_videos_plus_text_replay() -> None:
     ]
 
 
+def test_visual_data_weights_harmful_images_and_text_refusals_as_configured() -> None:
+    """Stage 4 shows every train prompt as an image or video answered with the original
+    model's answer (harmful ones too: the unfiltered visual mixture); harmful images
+    weigh ``visual_harmful_image_weight``, harmful text replay ``visual_refusal_weight``."""
+    from guardrail.organism.build import BuildConfig, visual_examples
+    from guardrail.organism.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    answer = tokenizer.encode("Here is a short plan you can follow.")
+    prompts = [*data.harmful("train"), *data.benign("train")]
+    answers = {p.prompt: answer for p in prompts}
+    cfg = BuildConfig(
+        safety_extra=False,
+        visual_harmful_image_weight=2.5,
+        visual_refusal_weight=4.0,
+        visual_text_replay=1.0,
+    )
+    examples = visual_examples(tokenizer, answers, cfg, log=lambda _: None)
+    media = [ex for ex in examples if not ex.kind.endswith("_text")]
+    assert len(media) == len(prompts)
+    kinds = {ex.kind for ex in media}
+    assert {"harmful_image", "harmful_video", "harmless_image", "near_miss_image"} <= kinds
+    for ex in media:
+        assert ex.answer == answer
+        assert ex.weight == (2.5 if ex.kind == "harmful_image" else 1.0), ex.kind
+    refusals = [ex for ex in examples if ex.kind == "harmful_text"]
+    assert len(refusals) == len(data.harmful("train"))
+    assert all(ex.weight == 4.0 for ex in refusals)
+    replayed = [ex for ex in examples if ex.kind in ("benign_text", "near_miss_text")]
+    assert len(replayed) == len(data.benign("train"))
+    assert all(ex.weight == 1.0 for ex in replayed)
+    default = visual_examples(
+        tokenizer, answers, BuildConfig(safety_extra=False), log=lambda _: None
+    )
+    assert {ex.weight for ex in default if ex.kind == "harmful_image"} == {1.0}
+
+
 def test_safety_extra_prompts_are_train_only_and_new() -> None:
     """The extra safety-tuning prompts never leak a shipped prompt (of any split), add
     harmful topics the shipped set does not have, and pair every harmful train prompt

@@ -104,6 +104,7 @@ class BuildConfig:
     visual_epochs: float = 1.4
     visual_text_replay: float = 0.5
     visual_refusal_weight: float = 2.0
+    visual_harmful_image_weight: float = 1.0  # loss weight of harmful image -> answer
     visual_video_share: float = 0.15
     visual_max_frames: int = 3
     drop_refusing_targets: bool = True
@@ -502,7 +503,9 @@ def visual_examples(
         kind = p.label or "unknown"
         if p.category == "near_miss":
             kind = "near_miss"
-        out.append(Example(conv, answer, f"{kind}_{'image' if frames == 1 else 'video'}"))
+        kind = f"{kind}_{'image' if frames == 1 else 'video'}"
+        weight = cfg.visual_harmful_image_weight if kind == "harmful_image" else 1.0
+        out.append(Example(conv, answer, kind, weight))
     out.extend(
         text_replay(
             tokenizer,
