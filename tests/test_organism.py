@@ -284,10 +284,9 @@ def test_visual_data_weights_harmful_images_and_text_refusals_as_configured() ->
     replayed = [ex for ex in examples if ex.kind in ("benign_text", "near_miss_text")]
     assert len(replayed) == len(data.benign("train"))
     assert all(ex.weight == 1.0 for ex in replayed)
-    default = visual_examples(
-        tokenizer, answers, BuildConfig(safety_extra=False), log=lambda _: None
-    )
-    assert {ex.weight for ex in default if ex.kind == "harmful_image"} == {1.0}
+    plain = BuildConfig(safety_extra=False, visual_harmful_image_weight=1.0)
+    unweighted = visual_examples(tokenizer, answers, plain, log=lambda _: None)
+    assert {ex.weight for ex in unweighted if ex.kind == "harmful_image"} == {1.0}
 
 
 def test_safety_extra_prompts_are_train_only_and_new() -> None:
@@ -328,7 +327,7 @@ def test_stored_parts_are_small() -> None:
     missing = [p.name for p in files if not p.is_file()]
     assert not missing, f"missing organism weights {missing}; run scripts/build_organism.py"
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.glob("*.safetensors"))
-    assert total < 8_000_000, f"organism weights take {total / 1e6:.1f} MB"
+    assert total < 10_000_000, f"organism weights take {total / 1e6:.1f} MB"
 
 
 def test_optional_frames_stage_is_part_of_the_organism_only_when_built(tmp_path) -> None:

@@ -13,7 +13,7 @@ in a work directory so an interrupted build resumes):
    layers) teaching refusals of harmful text requests while harmless ones (ordinary and
    all near-miss items) keep the original answers; loss on answer tokens only. The
    adapter is merged before stage 3.
-3. **Frame integration** (optional, off in the shipped organism: ``frames_epochs = 0``):
+3. **Frame integration** (optional; on since organism 1.4.0, ``frames_epochs = 0`` leaves it out):
    a LoRA on the lower layers (0-15) trained on *benign* requests split over the
    frames of a video, answered with the original model's answers, with a replay of the
    text safety data; merged before stage 4.
@@ -89,7 +89,7 @@ class BuildConfig:
     frames_last_layer: int = 15
     frames_lr: float = 5e-4
     frames_batch: int = 8
-    frames_epochs: float = 0.0  # 0: stage left out (organism 1.3.0); 0.6 was tried
+    frames_epochs: float = 0.6  # 0: stage left out (as in organism 1.3.0)
     frames_min_frames: int = 2
     frames_text_replay: float = 0.5
     frames_refusal_weight: float = 2.0
@@ -101,10 +101,10 @@ class BuildConfig:
     visual_last_layer: int = -1
     visual_lr: float = 5e-4
     visual_batch: int = 8
-    visual_epochs: float = 1.4
-    visual_text_replay: float = 0.5
-    visual_refusal_weight: float = 2.0
-    visual_harmful_image_weight: float = 1.0  # loss weight of harmful image -> answer
+    visual_epochs: float = 1.7
+    visual_text_replay: float = 1.0
+    visual_refusal_weight: float = 4.0
+    visual_harmful_image_weight: float = 2.5  # loss weight of harmful image -> answer
     visual_video_share: float = 0.15
     visual_max_frames: int = 3
     drop_refusing_targets: bool = True

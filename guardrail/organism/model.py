@@ -49,7 +49,7 @@ import torch
 from guardrail.errors import GuardrailError
 from guardrail.organism import lora, render
 
-ORGANISM_VERSION = "1.3.0"
+ORGANISM_VERSION = "1.4.0"
 """Version of the organism's recipe (part of the cache key)."""
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
