@@ -500,10 +500,8 @@ def visual_examples(
         conv = data.typographic_conversation(
             p.prompt, rng, "train", frames=frames, tokenizer=tokenizer
         )
-        kind = p.label or "unknown"
-        if p.category == "near_miss":
-            kind = "near_miss"
-        kind = f"{kind}_{'image' if frames == 1 else 'video'}"
+        group = "near_miss" if p.category == "near_miss" else (p.label or "unknown")
+        kind = f"{group}_{'image' if frames == 1 else 'video'}"
         weight = cfg.visual_harmful_image_weight if kind == "harmful_image" else 1.0
         out.append(Example(conv, answer, kind, weight))
     out.extend(

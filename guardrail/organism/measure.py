@@ -108,8 +108,7 @@ def measure(
     elif weights_dir is not None:
         from guardrail.organism.model import assemble
 
-        model, processor = assemble(weights_dir)
-        processor.tokenizer.padding_side = "left"
+        model, processor = assemble(weights_dir)  # eval mode, left-padding tokenizer
     else:
         from guardrail.organism import load
 
