@@ -76,6 +76,9 @@ class CalibrationTargets:
     lam_grid: tuple[float, ...] = (1.0, 2.0, 4.0)
     kappa_grid: tuple[float, ...] = (0.5, 1.0, 1.5)
     recenter: str = "full"
+    apply_recentering_to_activation: bool | str = False
+    """Written into the bundle's parameters (``False``, ``"steered"`` or ``True``; see
+    :class:`~guardrail.policy.SteeringParameters`); the grid is evaluated with it."""
     max_validation: int = 64
     """At most this many validation prompts per set (H, S and each S_m)."""
     score_positions: int = 1
@@ -451,7 +454,12 @@ def calibrate(
             mu_S=means["harmless"][layer],
             mu_modalities={m: means[m][layer] for m in mods},
             model=fingerprint,
-            parameters=SteeringParameters(recenter=targets.recenter, score_positions=k, **params),
+            parameters=SteeringParameters(
+                recenter=targets.recenter,
+                apply_recentering_to_activation=targets.apply_recentering_to_activation,
+                score_positions=k,
+                **params,
+            ),
             description=description,
         )
 

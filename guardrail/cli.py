@@ -18,6 +18,11 @@ from guardrail.errors import GuardrailError, PolicyCompatibilityError, PolicyInt
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTEGRITY, EXIT_COMPATIBILITY = 0, 1, 2, 3, 4
 EXIT_CANARY_FLAGGED = 5
+RECENTER_ACTIVATION_CHOICES: dict[str, bool | str] = {
+    "score-only": False,
+    "steered": "steered",
+    "always": True,
+}
 
 
 def _print_json(data: Any) -> None:
@@ -46,6 +51,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         kl_bound=args.kl_bound,
         max_validation=args.max_validation,
         recenter=args.recenter,
+        apply_recentering_to_activation=RECENTER_ACTIVATION_CHOICES[args.recenter_activation],
         score_positions=args.score_positions,
         lam_grid=tuple(float(x) for x in args.lam_grid.split(",")),
         kappa_grid=tuple(float(x) for x in args.kappa_grid.split(",")),
@@ -331,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)"
     )
     p.add_argument("--recenter", choices=["full", "projection", "none"], default="full")
+    p.add_argument(
+        "--recenter-activation",
+        choices=list(RECENTER_ACTIVATION_CHOICES),
+        default="score-only",
+        help="write the re-centred activation back: score-only (h + a u), steered "
+        "(h_c + a u on the rows the gate opens), always (h_c on every row)",
+    )
     p.add_argument(
         "--score-positions",
         type=int,

@@ -90,7 +90,14 @@ class SteeringParameters(BaseModel):
     kappa: float = Field(1.0, ge=0, description="trust region radius in units of the gap g")
     eta: float | None = Field(None, gt=0, description="optional bound a <= eta * |h|")
     recenter: Literal["full", "projection", "none"] = "full"
-    apply_recentering_to_activation: bool = False
+    apply_recentering_to_activation: bool | Literal["steered"] = Field(
+        False,
+        description=(
+            "write the re-centred activation back: False scores with it only (h' = h + a u); "
+            "'steered' writes h' = h_c + a u on the rows the gate opens and leaves the others "
+            "untouched; True also writes h_c on rows below the gate"
+        ),
+    )
     score_positions: int = Field(
         1,
         ge=1,

@@ -195,6 +195,7 @@ built with mars-guardrail {html.escape(str(record.get("project_version")))}.</p>
 <tr><td>kappa (trust region rho = kappa * g)</td><td>{params.kappa:.4g}</td></tr>
 <tr><td>gap g</td><td>{bundle.g:.4g}</td></tr>
 <tr><td>re-centring</td><td>{html.escape(params.recenter)}</td></tr>
+<tr><td>re-centred activation written back</td><td>{html.escape(str(params.apply_recentering_to_activation))}</td></tr>
 <tr><td>modalities</td><td>{html.escape(", ".join(mods) or "text only")}</td></tr>
 <tr><td>target benign trigger rate</td><td>{targets.get("benign_trigger_rate")}</td></tr>
 <tr><td>benign KL bound (nats)</td><td>{targets.get("kl_bound")}</td></tr>

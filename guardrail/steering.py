@@ -30,6 +30,9 @@ from guardrail.errors import SteeringError
 
 RecenterMode = Literal["full", "projection", "none"]
 RECENTER_MODES: tuple[str, ...] = ("full", "projection", "none")
+RECENTER_ACTIVATION: tuple[bool | str, ...] = (False, "steered", True)
+"""Values of ``apply_recentering_to_activation``: write ``h + a u`` (score with ``h_c``
+only); write ``h_c + a u`` on the rows the gate opens; write ``h_c + a u`` on every row."""
 
 
 # --------------------------------------------------------------------------- math
@@ -100,7 +103,7 @@ def mars_step(
     kappa: Tensor | float,
     eta: Tensor | float | None = None,
     recenter_mode: str = "full",
-    apply_recentering_to_activation: bool = False,
+    apply_recentering_to_activation: bool | str = False,
     h_score: Tensor | None = None,
 ) -> StepResult:
     """One MARS step on activations ``h`` of shape ``[..., d]``.
@@ -110,7 +113,8 @@ def mars_step(
     (``score_positions``); the step is still added to ``h``.
     All arithmetic runs in float32 (or float64 if ``h`` is float64) and the result
     is cast back to ``h``'s dtype. Rows whose strength is zero are returned
-    bit-identical to the input unless re-centring is applied to the activation.
+    bit-identical to the input unless ``apply_recentering_to_activation`` is ``True``
+    (``"steered"`` re-centres only the rows it steers).
     """
     work = torch.float64 if h.dtype == torch.float64 else torch.float32
     hw = h.to(work)
@@ -129,9 +133,14 @@ def mars_step(
         eta=None if eta is None else _t(eta, work, h),
         h_norm=hw.norm(dim=-1),
     )
-    base = h_c if apply_recentering_to_activation else hw
+    if apply_recentering_to_activation not in RECENTER_ACTIVATION:
+        raise ValueError(
+            f"apply_recentering_to_activation={apply_recentering_to_activation!r} is not one of "
+            f"{RECENTER_ACTIVATION}"
+        )
+    base = hw if apply_recentering_to_activation is False else h_c
     new = (base + a.unsqueeze(-1) * uw).to(h.dtype)
-    if not apply_recentering_to_activation:
+    if apply_recentering_to_activation is not True:
         new = torch.where((a > 0).unsqueeze(-1), new, h)
     return StepResult(h=new, score=s, strength=a)
 
@@ -173,7 +182,7 @@ class LayerPlan:
     kappa: Tensor
     eta: Tensor
     recenter_mode: str = "full"
-    apply_recentering_to_activation: bool = False
+    apply_recentering_to_activation: bool | str = False
     score_positions: int = 1
     starts: Tensor | None = None
     apply: bool = True

@@ -207,6 +207,8 @@ def test_cli_calibrate_writes_bundle_and_report(tmp_path, capsys):
             "6",
             "--image-size",
             "32",
+            "--recenter-activation",
+            "steered",
             "--quiet",
             "--json",
         ]
@@ -214,7 +216,10 @@ def test_cli_calibrate_writes_bundle_and_report(tmp_path, capsys):
     assert code == cli.EXIT_OK
     summary = json.loads(capsys.readouterr().out)
     assert summary["policy"] == "cli-test@0.2.0"
-    assert PolicyBundle.from_pretrained(out).version == "0.2.0"
+    written = PolicyBundle.from_pretrained(out)
+    assert written.version == "0.2.0"
+    assert written.parameters.apply_recentering_to_activation == "steered"
+    assert written.manifest.calibration["targets"]["apply_recentering_to_activation"] == "steered"
     assert report.read_text().count("data:image/png;base64,") == 2
     assert cli.main(["policy", "show", str(out), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -156,6 +156,33 @@ def test_mars_step_applies_recentering_to_activation_when_asked():
     assert torch.allclose(out.h, h - delta)
 
 
+def test_mars_step_recentres_only_the_steered_rows_when_steered():
+    u = _unit(8, 5)
+    delta = torch.randn(2, 8, dtype=torch.float64)
+    delta -= (delta @ u).unsqueeze(-1) * u  # keep the scores where they are set below
+    h = torch.randn(2, 8, dtype=torch.float64)
+    h += (torch.tensor([2.0, -1.0], dtype=torch.float64) - h @ u).unsqueeze(-1) * u
+    kwargs = dict(
+        u=u,
+        p_S=torch.tensor(0.0, dtype=torch.float64),
+        g=torch.tensor(1.0, dtype=torch.float64),
+        delta=delta,
+        tau=0.5,
+        lam=10.0,
+        kappa=1.0,
+    )
+    out = mars_step(h, apply_recentering_to_activation="steered", **kwargs)
+    assert out.strength.tolist() == [1.0, 0.0]
+    assert torch.allclose(out.h[0], h[0] - delta[0] + u)  # re-centred and pushed
+    assert torch.equal(out.h[1], h[1])  # below the gate: bit-identical
+    scored_only = mars_step(h, apply_recentering_to_activation=False, **kwargs)
+    assert torch.allclose(scored_only.h[0], h[0] + u)
+    everywhere = mars_step(h, apply_recentering_to_activation=True, **kwargs)
+    assert torch.allclose(everywhere.h[1], h[1] - delta[1])
+    with pytest.raises(ValueError, match="apply_recentering_to_activation='always'"):
+        mars_step(h, apply_recentering_to_activation="always", **kwargs)
+
+
 def test_last_positions_with_left_and_right_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert last_positions(mask).tolist() == [4, 4, 2]
