@@ -10,6 +10,9 @@ Rows (all at the bundle's layer l* unless stated; ``kappa``, ``lam``, ``tau`` fr
 - ``+ adaptive strength / trust region``: ``a = min(kappa g, lam g relu(s - tau))``
   on the raw score (no re-centring).
 - ``full MARS``: adaptive strength on the re-centred score (the bundle as shipped).
+- ``full MARS, re-centring for the score only``: shown when the bundle writes the
+  re-centred activation back (``apply_recentering_to_activation``): the same policy
+  with ``h + a u`` written instead of ``h_c + a u``.
 - ``full MARS, poor layer``: the same recipe calibrated at an early layer.
 
 Columns: refusal on harmful text / image / video, over-refusal on benign text,
@@ -55,6 +58,11 @@ def variants(bundle: PolicyBundle, poor: PolicyBundle | None) -> dict[str, Polic
         "+ adaptive strength / trust region": bundle.with_parameters(recenter="none"),
         "full MARS": bundle,
     }
+    p = bundle.parameters
+    if p.recenter != "none" and p.apply_recentering_to_activation is not False:
+        rows["full MARS, re-centring for the score only"] = bundle.with_parameters(
+            apply_recentering_to_activation=False
+        )
     if poor is not None:
         rows[f"full MARS, poor layer ({poor.layer})"] = poor
     return rows
