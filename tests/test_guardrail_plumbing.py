@@ -172,6 +172,45 @@ def test_prefill_changes_only_t_star_at_l_star(arch):
     assert not torch.equal(expected.h, h)
 
 
+@pytest.mark.parametrize("arch", sorted(IMAGE_ARCHS))
+def test_steered_recentring_writes_h_c_on_steered_rows_and_nothing_below_the_gate(arch):
+    """``apply_recentering_to_activation="steered"`` through the real hook: the steered
+    rows get ``h_c + a u`` at (l*, t*); with the gate closed every row is untouched
+    (``True`` would still write ``h_c`` on the media rows)."""
+    model, processor = tiny(arch)
+    batch = conversations(arch)
+    media_rows = [i for i, c in enumerate(batch) if parse_conversation(c).modalities]
+    steered = strong_policy(model, processor, apply_recentering_to_activation="steered")
+    l_star = steered.layer
+    rows = torch.arange(len(batch))
+    inputs = ModelAdapter(model, processor).build_inputs([parse_conversation(c) for c in batch])
+    t_star = last_positions(inputs["attention_mask"])
+
+    def prefill_at_l_star(policy, mode="enforce"):
+        capture = Capture(Guardrail(model, processor).adapter.layers, only=l_star)
+        results = Guardrail(model, processor, policy).generate(batch, mode=mode, max_new_tokens=2)
+        capture.remove()
+        return capture.calls[0][l_star][rows, t_star], results
+
+    plain, _ = prefill_at_l_star(steered, mode="off")
+    got, results = prefill_at_l_star(steered)
+    assert all(r.intervened for r in results)
+    args = rule_arguments(steered, batch)
+    expected = mars_step(plain, **args, apply_recentering_to_activation="steered")
+    assert torch.equal(got, expected.h)
+    scored_only = mars_step(plain, **args, apply_recentering_to_activation=False)
+    for row in media_rows:  # the offset is removed from the written activation
+        assert not torch.allclose(got[row], scored_only.h[row])
+
+    closed = strong_policy(model, processor, tau=1e6, apply_recentering_to_activation="steered")
+    got_closed, results = prefill_at_l_star(closed)
+    assert not any(r.intervened for r in results)
+    assert torch.equal(got_closed, plain)
+    always = strong_policy(model, processor, tau=1e6, apply_recentering_to_activation=True)
+    got_always, _ = prefill_at_l_star(always)
+    assert all(not torch.equal(got_always[row], plain[row]) for row in media_rows)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_hook_is_inert_in_decode_steps(arch):
     """Steering lands on the first generated token, never on the second."""
