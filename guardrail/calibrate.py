@@ -390,10 +390,20 @@ def calibrate(
     started = time.perf_counter()
     targets = targets or CalibrationTargets()
     k = targets.score_positions
+    asked: dict[str, Any] = {
+        "score_positions": k,
+        "recenter": targets.recenter,
+        "apply_recentering_to_activation": targets.apply_recentering_to_activation,
+    }
     try:  # the bundle's own bounds, checked before any activation is collected
-        SteeringParameters(score_positions=k)
+        SteeringParameters(**asked)
     except ValidationError as err:
-        raise InputError(f"score_positions={k!r} is not valid: {err.errors()[0]['msg']}") from err
+        name = str(err.errors()[0]["loc"][0])
+        fix = {
+            "recenter": "use 'full', 'projection' or 'none'",
+            "apply_recentering_to_activation": "use False, 'steered' or True",
+        }.get(name, err.errors()[0]["msg"])
+        raise InputError(f"{name}={asked.get(name)!r} is not valid: {fix}") from err
     media = media or NeutralMedia(seed=seed)
     adapter = ModelAdapter(model, processor)
     mods = sorted(adapter.modalities if modalities is None else set(modalities))

@@ -236,6 +236,27 @@ def test_bad_calibration_input_is_named():
         calibrate(model, processor, ["a"] * 4, ["b"] * 4, modalities=["image"], progress=False)
     with pytest.raises(InputError, match="out of range"):
         calibrate(model, processor, ["a"] * 4, ["b"] * 4, layers=[99], progress=False)
+    bad = CalibrationTargets(apply_recentering_to_activation="always")
+    with pytest.raises(InputError, match="apply_recentering_to_activation='always' is not valid"):
+        calibrate(model, processor, ["a"] * 4, ["b"] * 4, targets=bad, progress=False)
+    with pytest.raises(InputError, match="recenter='center' is not valid: use 'full'"):
+        calibrate(
+            model,
+            processor,
+            ["a"] * 4,
+            ["b"] * 4,
+            targets=CalibrationTargets(recenter="center"),
+            progress=False,
+        )
+    with pytest.raises(InputError, match="score_positions=0 is not valid"):
+        calibrate(
+            model,
+            processor,
+            ["a"] * 4,
+            ["b"] * 4,
+            targets=CalibrationTargets(score_positions=0),
+            progress=False,
+        )
 
 
 def test_window_statistics_over_the_last_k_positions():
