@@ -248,15 +248,6 @@ def test_bad_calibration_input_is_named():
             targets=CalibrationTargets(recenter="center"),
             progress=False,
         )
-    with pytest.raises(InputError, match="score_positions=0 is not valid"):
-        calibrate(
-            model,
-            processor,
-            ["a"] * 4,
-            ["b"] * 4,
-            targets=CalibrationTargets(score_positions=0),
-            progress=False,
-        )
 
 
 def test_window_statistics_over_the_last_k_positions():
