@@ -46,6 +46,8 @@ from guardrail.neutral import NeutralMedia, neutral_media
 from guardrail.policy import ModelFingerprint, PolicyBundle, SteeringParameters
 from guardrail.refusal import refusal_logodds, refusal_token_ids
 from guardrail.steering import (
+    RECENTER_ACTIVATION,
+    RECENTER_MODES,
     first_positions,
     last_positions,
     mars_step,
@@ -400,8 +402,8 @@ def calibrate(
     except ValidationError as err:
         name = str(err.errors()[0]["loc"][0])
         fix = {
-            "recenter": "use 'full', 'projection' or 'none'",
-            "apply_recentering_to_activation": "use False, 'steered' or True",
+            "recenter": f"use one of {RECENTER_MODES}",
+            "apply_recentering_to_activation": f"use one of {RECENTER_ACTIVATION}",
         }.get(name, err.errors()[0]["msg"])
         raise InputError(f"{name}={asked.get(name)!r} is not valid: {fix}") from err
     media = media or NeutralMedia(seed=seed)

@@ -237,9 +237,15 @@ def test_bad_calibration_input_is_named():
     with pytest.raises(InputError, match="out of range"):
         calibrate(model, processor, ["a"] * 4, ["b"] * 4, layers=[99], progress=False)
     bad = CalibrationTargets(apply_recentering_to_activation="always")
-    with pytest.raises(InputError, match="apply_recentering_to_activation='always' is not valid"):
+    with pytest.raises(
+        InputError,
+        match=r"apply_recentering_to_activation='always' is not valid: use one of \(False, 'steered', True\)",
+    ):
         calibrate(model, processor, ["a"] * 4, ["b"] * 4, targets=bad, progress=False)
-    with pytest.raises(InputError, match="recenter='center' is not valid: use 'full'"):
+    with pytest.raises(
+        InputError,
+        match=r"recenter='center' is not valid: use one of \('full', 'projection', 'none'\)",
+    ):
         calibrate(
             model,
             processor,

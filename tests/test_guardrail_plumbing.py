@@ -183,11 +183,12 @@ def test_steered_recentring_writes_h_c_on_steered_rows_and_nothing_below_the_gat
     steered = strong_policy(model, processor, apply_recentering_to_activation="steered")
     l_star = steered.layer
     rows = torch.arange(len(batch))
-    inputs = ModelAdapter(model, processor).build_inputs([parse_conversation(c) for c in batch])
+    adapter = ModelAdapter(model, processor)
+    inputs = adapter.build_inputs([parse_conversation(c) for c in batch])
     t_star = last_positions(inputs["attention_mask"])
 
     def prefill_at_l_star(policy, mode="enforce"):
-        capture = Capture(Guardrail(model, processor).adapter.layers, only=l_star)
+        capture = Capture(adapter.layers, only=l_star)
         results = Guardrail(model, processor, policy).generate(batch, mode=mode, max_new_tokens=2)
         capture.remove()
         return capture.calls[0][l_star][rows, t_star], results
