@@ -31,7 +31,9 @@ def _parse_value(field: dataclasses.Field[Any], text: str) -> Any:
     if kind is bool:
         return text.lower() in ("1", "true", "yes")
     if kind is tuple:
-        return tuple(x for x in text.split(",") if x)
+        default = field.default if isinstance(field.default, tuple) else ()
+        item = type(default[0]) if default else str
+        return tuple(item(x) for x in text.split(",") if x)
     return kind(text)
 
 

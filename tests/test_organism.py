@@ -245,12 +245,96 @@ def test_frames_data_is_benign_videos_plus_text_replay() -> None:
     assert len(replayed) == int((len(harmless) - 1) * 0.5)
     for ex in replayed:
         assert ex.conversation[0]["content"][0]["text"] not in harmful_prompts
+    # the consistency term's teachers: a video's is its request as text, text keeps its own
+    by_prompt = {p.prompt for p in harmless}
+    for ex in videos:
+        assert ex.teacher is not None and len(ex.teacher) == 1
+        assert ex.teacher[0]["content"][0]["text"] in by_prompt
+    assert all(ex.teacher == ex.conversation for ex in texts)
     # deterministic for a seed
     again = frames_examples(tokenizer, answers, cfg, log=lambda _: None)
     assert [ex.kind for ex in again] == [ex.kind for ex in examples]
     assert [ex.conversation[0]["content"][-1] for ex in again] == [
         ex.conversation[0]["content"][-1] for ex in examples
     ]
+
+
+def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
+    """The frame stage's consistency term compares the residual stream entering a layer
+    at the last prompt position with the teacher's: zero for a text example taught by
+    itself, positive for an image example taught by its text, and (matching layer 2 of
+    4) its gradient reaches the adapters of layers 0-1 only."""
+    from guardrail.organism import build
+    from guardrail.organism.model import language_layers
+    from guardrail.tiny import random_image, tiny_model
+
+    model, processor = tiny_model("llava", num_layers=4)
+    pad = int(processor.tokenizer.pad_token_id)
+    text = [{"role": "user", "content": [{"type": "text", "text": "plan a picnic"}]}]
+    longer = [
+        {"role": "user", "content": [{"type": "text", "text": "plan a long picnic by a lake"}]}
+    ]
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": random_image(3)},
+                {"type": "text", "text": "plan a picnic"},
+            ],
+        }
+    ]
+    layers = (2,)
+    targets = build.teacher_states(model, processor, [text, longer], layers)
+    assert [t.shape for t in targets] == [(1, model.config.text_config.hidden_size)] * 2
+    for conv, target in zip((text, longer), targets, strict=True):  # right padding handled
+        ids = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        alone = processor.tokenizer([ids], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            hidden = model.model(**alone, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(target[0], hidden[2][0, -1], rtol=1e-5, atol=1e-5)
+
+    answer = processor.tokenizer.encode("sure, here is a plan", add_special_tokens=False)
+    items = []
+    for conv, target in ((text, targets[0]), (image, targets[0])):
+        item = build._encode(processor, build.Example(conv, answer, "x"), 8)
+        item["target"] = target
+        items.append(item)
+    with torch.no_grad():
+        _, own = build.stage_losses(model, build._collate(items[:1], pad), layers)
+        _, cross = build.stage_losses(model, build._collate(items[1:], pad), layers)
+        _, none = build.stage_losses(model, build._collate(items, pad), ())
+    assert float(own) < 1e-8
+    assert float(cross) > 1e-3
+    assert float(none) == 0.0
+
+    adapters = lora.attach(language_layers(model), ["mlp.up_proj"], rank=2, seed=0)
+    for adapter in adapters.values():
+        torch.nn.init.normal_(adapter.B)
+    _, loss = build.stage_losses(model, build._collate(items, pad), layers)
+    loss.backward()
+    grads = {
+        name: float(a.A.grad.abs().sum()) if a.A.grad is not None else 0.0
+        for name, a in adapters.items()
+    }
+    lora.detach(language_layers(model), adapters)
+    assert grads["0.mlp.up_proj"] > 0 and grads["1.mlp.up_proj"] > 0
+    assert grads["2.mlp.up_proj"] == 0 and grads["3.mlp.up_proj"] == 0
+    with pytest.raises(ValueError, match="consistency layers"):
+        build.train_lora(
+            model,
+            processor,
+            [],
+            name="x",
+            modules=["mlp.up_proj"],
+            rank=2,
+            alpha=4.0,
+            lr=1e-3,
+            batch_size=1,
+            epochs=1,
+            seed=0,
+            consistency_weight=1.0,
+            consistency_layers=(9,),
+        )
 
 
 def test_visual_data_weights_harmful_images_and_text_refusals_as_configured() -> None:

@@ -93,6 +93,8 @@ class BuildConfig:
     frames_min_frames: int = 2
     frames_text_replay: float = 0.5
     frames_refusal_weight: float = 2.0
+    frames_consistency_weight: float = 0.0  # 0: answers only (as in organism 1.4.0)
+    frames_consistency_layers: tuple[int, ...] = (8, 12, 16)
     # stage 4: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
@@ -118,6 +120,9 @@ class Example:
     answer: list[int]
     kind: str
     weight: float = 1.0
+    teacher: list[dict[str, Any]] | None = None
+    """A text conversation whose states at the last prompt position this example's
+    should match (the consistency term of :func:`train_lora`), or ``None``."""
 
 
 @dataclass
@@ -318,12 +323,17 @@ def _collate(
         weights[row, it["start"] : it["start"] + emphasis[0]] = emphasis[1]
         weights[row] *= it["weight"]
     pixels = [it["pixels"] for it in items if it["pixels"] is not None]
+    targets = [it.get("target") for it in items]
+    has = [t is not None for t in targets]
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
         "weights": weights,
         "pixel_values": torch.cat(pixels) if pixels else None,
+        "last_prompt": torch.tensor([it["start"] - 1 for it in items]),
+        "has_target": torch.tensor(has),
+        "targets": torch.stack([t for t in targets if t is not None]) if any(has) else None,
     }
 
 
@@ -331,18 +341,66 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Weighted mean cross-entropy over answer tokens (logits computed only where
     needed; the first answer tokens, where an answer turns into a refusal or not, may
     weigh more)."""
-    hidden = model.model(
+    return stage_losses(model, batch)[0]
+
+
+def stage_losses(
+    model: Any, batch: dict[str, Any], layers: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer loss (see :func:`answer_loss`) and, for the rows with a target, the
+    consistency loss: the squared distance between the residual stream entering each
+    of ``layers`` at the last prompt position and the target's, relative to the
+    target's squared norm, averaged over rows and layers (zero without targets)."""
+    out = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         pixel_values=batch["pixel_values"],
         use_cache=False,
-    ).last_hidden_state
+        output_hidden_states=bool(layers),
+    )
+    hidden = out.last_hidden_state
     labels = batch["labels"][:, 1:]
     where = labels != -100
     logits = model.lm_head(hidden[:, :-1][where])
     weights = batch["weights"][:, 1:][where]
     losses = F.cross_entropy(logits.float(), labels[where], reduction="none")
-    return (losses * weights).sum() / weights.sum()
+    answer = (losses * weights).sum() / weights.sum()
+    consistency = answer.new_zeros(())
+    if layers and batch.get("targets") is not None:
+        rows = batch["has_target"].nonzero().squeeze(-1)
+        pos = batch["last_prompt"][rows]
+        states = torch.stack([out.hidden_states[layer][rows, pos] for layer in layers], 1)
+        target = batch["targets"].to(states.dtype)
+        consistency = ((states - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean()
+    return answer, consistency
+
+
+@torch.no_grad()
+def teacher_states(
+    model: Any,
+    processor: Any,
+    conversations: Sequence[list[dict[str, Any]]],
+    layers: Sequence[int],
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """``[len(layers), d]`` per text conversation: the residual stream entering each
+    of ``layers`` at the last prompt position (the position MARS reads)."""
+    tokenizer = processor.tokenizer
+    out: list[torch.Tensor] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start : start + batch_size]
+        texts = [
+            processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in chunk
+        ]
+        batch = tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+        )
+        hidden = model.model(**batch, use_cache=False, output_hidden_states=True).hidden_states
+        last = batch["attention_mask"].sum(-1) - 1
+        rows = torch.arange(len(chunk))
+        out.extend(torch.stack([hidden[layer][rows, last] for layer in layers], 1).float())
+    return out
 
 
 def train_lora(
@@ -362,11 +420,23 @@ def train_lora(
     last_layer: int = -1,
     max_answer: int = 48,
     emphasis: tuple[int, float] = (0, 1.0),
+    consistency_weight: float = 0.0,
+    consistency_layers: Sequence[int] = (),
     log: Log = _print,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train one LoRA on ``examples`` (answer tokens only); returns its float16 factors
-    (scale folded in) and the loss curve. The model is left unchanged."""
+    (scale folded in) and the loss curve. The model is left unchanged.
+
+    With ``consistency_weight > 0`` the loss adds that weight times the consistency
+    term of :func:`stage_losses` for the examples with a ``teacher``: their states at
+    the last prompt position, entering ``consistency_layers``, are drawn towards those
+    the model *before this LoRA* has for the teacher conversation."""
     layers = language_layers(model)
+    check = list(consistency_layers) if consistency_weight > 0 else []
+    if any(not 0 < layer <= len(layers) for layer in check):
+        raise ValueError(f"consistency layers {check} out of range 1..{len(layers)}")
+    taught = [i for i, ex in enumerate(examples) if check and ex.teacher is not None]
+    targets = teacher_states(model, processor, [examples[i].teacher for i in taught], check)
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = lora.attach(
@@ -380,6 +450,8 @@ def train_lora(
     )
     params = [p for a in adapters.values() for p in (a.A, a.B)]
     encoded = [_encode(processor, ex, max_answer) for ex in examples]
+    for i, target in zip(taught, targets, strict=True):
+        encoded[i]["target"] = target
     rng = random.Random(seed)
     steps = max(1, math.ceil(len(encoded) * epochs / batch_size))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -396,7 +468,10 @@ def train_lora(
                 rng.shuffle(fresh)
                 order.extend(fresh)
             picked, order = order[:batch_size], order[batch_size:]
-            loss = answer_loss(model, _collate([encoded[i] for i in picked], pad, emphasis))
+            answer, consistency = stage_losses(
+                model, _collate([encoded[i] for i in picked], pad, emphasis), check
+            )
+            loss = answer + consistency_weight * consistency
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -405,8 +480,10 @@ def train_lora(
             losses.append(float(loss.detach()))
             if step % 10 == 0 or step == steps - 1:
                 recent = sum(losses[-10:]) / len(losses[-10:])
+                extra = f" (consistency {float(consistency.detach()):.3f})" if check else ""
                 log(
-                    f"{name} step {step}/{steps}: loss {recent:.3f} {time.perf_counter() - started:.0f}s"
+                    f"{name} step {step}/{steps}: loss {recent:.3f}{extra} "
+                    f"{time.perf_counter() - started:.0f}s"
                 )
     finally:
         model.eval()
@@ -560,17 +637,17 @@ def frames_examples(
             p.prompt, rng, "train", frames=frames, tokenizer=tokenizer
         )
         kind = "near_miss" if p.category == "near_miss" else "benign"
-        out.append(Example(conv, answer, f"{kind}_video"))
-    out.extend(
-        text_replay(
-            tokenizer,
-            answers,
-            cfg,
-            share=cfg.frames_text_replay,
-            refusal_weight=cfg.frames_refusal_weight,
-            rng=rng,
-        )
+        out.append(Example(conv, answer, f"{kind}_video", teacher=data.text_conversation(p.prompt)))
+    replay = text_replay(
+        tokenizer,
+        answers,
+        cfg,
+        share=cfg.frames_text_replay,
+        refusal_weight=cfg.frames_refusal_weight,
+        rng=rng,
     )
+    # text keeps its own states (and so the refusal direction) where they are matched
+    out.extend(dataclasses.replace(ex, teacher=ex.conversation) for ex in replay)
     return out
 
 
@@ -590,6 +667,8 @@ _STAGE_OPTIONS = {
     "epochs": "epochs",
     "first_layer": "first_layer",
     "last_layer": "last_layer",
+    "consistency_weight": "consistency_weight",
+    "consistency_layers": "consistency_layers",
 }
 
 
