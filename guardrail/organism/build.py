@@ -435,8 +435,9 @@ def train_lora(
     check = list(consistency_layers) if consistency_weight > 0 else []
     if any(not 0 < layer <= len(layers) for layer in check):
         raise ValueError(f"consistency layers {check} out of range 1..{len(layers)}")
-    taught = [i for i, ex in enumerate(examples) if check and ex.teacher is not None]
-    targets = teacher_states(model, processor, [examples[i].teacher for i in taught], check)
+    teachers = {i: ex.teacher for i, ex in enumerate(examples) if check and ex.teacher is not None}
+    taught = list(teachers)
+    targets = teacher_states(model, processor, list(teachers.values()), check)
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = lora.attach(
