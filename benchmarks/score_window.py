@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", help="also write the table here")
     ap.add_argument("--blank-token", help="read blank cells as this single token (diagnostic)")
+    ap.add_argument(
+        "--weights-dir", type=Path, help="an organism built elsewhere (default: the committed one)"
+    )
     args = ap.parse_args(argv)
     windows = [int(k) for k in args.windows.split(",")]
     layers = [int(x) for x in args.layers.split(",")]
@@ -77,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from guardrail import organism
 
-    model, processor = organism.load()
+    if args.weights_dir is not None:
+        from guardrail.organism.model import assemble
+
+        model, processor = assemble(args.weights_dir)
+    else:
+        model, processor = organism.load()
     adapter = ModelAdapter(model, processor)
     tokenizer = processor.tokenizer
     if args.blank_token is not None:

@@ -345,12 +345,17 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def stage_losses(
-    model: Any, batch: dict[str, Any], layers: Sequence[int] = ()
+    model: Any,
+    batch: dict[str, Any],
+    layers: Sequence[int] = (),
+    spread: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The answer loss (see :func:`answer_loss`) and, for the rows with a target, the
-    consistency loss: the squared distance between the residual stream entering each
-    of ``layers`` at the last prompt position and the target's, relative to the
-    target's squared norm, averaged over rows and layers (zero without targets)."""
+    consistency loss: the squared difference between the residual stream entering each
+    of ``layers`` at the last prompt position and the target's, per channel in units of
+    ``spread`` (``[len(layers), d]``: the targets' standard deviation across requests,
+    so channels that carry content count, not the few large constant ones), averaged
+    over rows, layers and channels (zero without targets)."""
     out = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -371,7 +376,8 @@ def stage_losses(
         pos = batch["last_prompt"][rows]
         states = torch.stack([out.hidden_states[layer][rows, pos] for layer in layers], 1)
         target = batch["targets"].to(states.dtype)
-        consistency = ((states - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean()
+        scale = torch.ones_like(target[0]) if spread is None else spread.to(states.dtype)
+        consistency = ((states - target) / scale).pow(2).mean()
     return answer, consistency
 
 
@@ -430,7 +436,8 @@ def train_lora(
     With ``consistency_weight > 0`` the loss adds that weight times the consistency
     term of :func:`stage_losses` for the examples with a ``teacher``: their states at
     the last prompt position, entering ``consistency_layers``, are drawn towards those
-    the model *before this LoRA* has for the teacher conversation."""
+    the model *before this LoRA* has for the teacher conversation (channels scaled by
+    the teacher states' spread across the examples)."""
     layers = language_layers(model)
     check = list(consistency_layers) if consistency_weight > 0 else []
     if any(not 0 < layer <= len(layers) for layer in check):
@@ -453,6 +460,7 @@ def train_lora(
     encoded = [_encode(processor, ex, max_answer) for ex in examples]
     for i, target in zip(taught, targets, strict=True):
         encoded[i]["target"] = target
+    spread = torch.stack(targets).std(0).clamp_min(1e-6) if targets else None
     rng = random.Random(seed)
     steps = max(1, math.ceil(len(encoded) * epochs / batch_size))
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -470,7 +478,7 @@ def train_lora(
                 order.extend(fresh)
             picked, order = order[:batch_size], order[batch_size:]
             answer, consistency = stage_losses(
-                model, _collate([encoded[i] for i in picked], pad, emphasis), check
+                model, _collate([encoded[i] for i in picked], pad, emphasis), check, spread
             )
             loss = answer + consistency_weight * consistency
             optimizer.zero_grad(set_to_none=True)
