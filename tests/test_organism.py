@@ -303,8 +303,11 @@ def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
         _, own = build.stage_losses(model, build._collate(items[:1], pad), layers)
         _, cross = build.stage_losses(model, build._collate(items[1:], pad), layers)
         _, none = build.stage_losses(model, build._collate(items, pad), ())
-    assert float(own) < 1e-8
-    assert float(cross) > 1e-3
+        half = torch.full_like(targets[0], 0.5)  # channels in units of a spread of 0.5
+        _, scaled = build.stage_losses(model, build._collate(items[1:], pad), layers, half)
+    assert float(own) < 1e-10
+    assert float(cross) > 1e-5
+    assert float(scaled) == pytest.approx(4 * float(cross), rel=1e-4)
     assert float(none) == 0.0
 
     adapters = lora.attach(language_layers(model), ["mlp.up_proj"], rank=2, seed=0)
