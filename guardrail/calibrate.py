@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 import guardrail
 from guardrail.adapters import ModelAdapter
-from guardrail.datasets import Prompt, PromptSource, dataset_digest, load_prompts
+from guardrail.datasets import Prompt, PromptSource, dataset_digest, load_prompts, spread
 from guardrail.errors import InputError
 from guardrail.messages import Conversation, parse_conversation
 from guardrail.metrics import auroc, quantile
@@ -82,7 +82,8 @@ class CalibrationTargets:
     """Written into the bundle's parameters (``False``, ``"steered"`` or ``True``; see
     :class:`~guardrail.policy.SteeringParameters`); the grid is evaluated with it."""
     max_validation: int = 64
-    """At most this many validation prompts per set (H, S and each S_m)."""
+    """At most this many validation prompts per set (H, S and each S_m), evenly spaced
+    over the validation split (so every category of a grouped file is represented)."""
     score_positions: int = 1
     """Statistics and scores over the mean of the last k prompt positions (the method's
     option); 1 is ``t*`` alone. Steering acts at ``t*`` either way."""
@@ -326,7 +327,8 @@ def _split(
             "calibration needs both training and validation prompts; give more prompts or "
             "a 'split' field with 'train' and 'val' values"
         )
-    return train, val[:limit]
+    # evenly spaced, not the first ``limit``: shipped files are grouped by category
+    return train, spread(val, limit)
 
 
 class _Progress:

@@ -297,3 +297,23 @@ def test_window_statistics_over_the_last_k_positions():
             targets=CalibrationTargets(score_positions=0),
             progress=False,
         )
+
+
+def test_validation_subset_is_spread_over_the_split():
+    """``max_validation`` keeps prompts evenly spaced over the validation split, not its
+    first ones: the shipped files are grouped by category, so a head would miss whole
+    categories (near-miss prompts among them)."""
+    import random
+
+    from guardrail.calibrate import _split
+    from guardrail.datasets import spread
+
+    prompts = load_prompts("harmless")
+    val = [p for p in prompts if p.split == "val"]
+    train, picked = _split(prompts, 0.25, random.Random(0), 24)
+    assert len(picked) == 24 and picked == spread(val, 24)
+    assert all(p.split == "train" for p in train)
+    head = {p.category for p in val[:24]}  # 6 of the split's 16 categories, no near-miss
+    assert len({p.category for p in picked}) > len(head)
+    share = sum(p.category == "near_miss" for p in val) / len(val)
+    assert abs(sum(p.category == "near_miss" for p in picked) / 24 - share) < 0.05
