@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Rebuilds policies/organism/1.0.0 and its report from text-only prompt sets and
 # neutral images/videos (256 px, the organism's image size; 3-frame videos).
+# 48 validation prompts per set, evenly spaced over the validation split; the gate
+# opens on at most 5 % of them per benign set (on 48 prompts a 2 % rate is the
+# second-highest benign score: one or two prompts would set the gate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/guardrail calibrate --model organism --harmful harmful --harmless harmless \
     --name organism --version 1.0.0 --out policies/organism/1.0.0 \
-    --image-size 256 --video-frames 3 --max-validation 24 --batch-size 8 --seed 0 \
-    --layers 8,10,12,14,16,18,20,22,24 --lam-grid 2,4,8,16,32,64 --kappa-grid 1,1.5,2,3 \
+    --image-size 256 --video-frames 3 --max-validation 48 --trigger-rate 0.05 \
+    --batch-size 8 --seed 0 \
+    --layers 8,10,12,14,16,18,20,22,24 --lam-grid 8,16,32,64 --kappa-grid 1,1.5,2,3 \
     --recenter-activation steered \
     --report "${REPORT:-benchmarks/out/organism-calibration.html}" "$@"

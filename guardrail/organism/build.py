@@ -16,7 +16,10 @@ in a work directory so an interrupted build resumes):
 3. **Frame integration** (optional; on since organism 1.4.0, ``frames_epochs = 0`` leaves it out):
    a LoRA on the lower layers (0-15) trained on *benign* requests split over the
    frames of a video, answered with the original model's answers, with a replay of the
-   text safety data; merged before stage 4.
+   text safety data; optionally (``frames_consistency_weight``, off in 1.4.0) a
+   consistency term drawing each video's state entering layer 16 at the last prompt
+   position towards that of the same request in text (text replay keeps its own);
+   merged before stage 4.
 4. **Visual instruction tuning**: a last LoRA on the safety-tuned model, trained on
    typographic image/video requests (harmless, near-miss and harmful, as in an
    unfiltered visual-instruction mixture) answered with the *original* model's
@@ -93,8 +96,8 @@ class BuildConfig:
     frames_min_frames: int = 2
     frames_text_replay: float = 0.5
     frames_refusal_weight: float = 2.0
-    frames_consistency_weight: float = 0.0  # 0: answers only (as in organism 1.4.0)
-    frames_consistency_layers: tuple[int, ...] = (8, 12, 16)
+    frames_consistency_weight: float = 0.0  # 0: answers only (organism 1.4.0)
+    frames_consistency_layers: tuple[int, ...] = (16,)
     # stage 4: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
