@@ -57,6 +57,7 @@ from guardrail.organism.model import (
     stage_file,
 )
 from guardrail.refusal import is_refusal
+from guardrail.steering import last_positions
 
 Log = Callable[[str], None]
 
@@ -406,7 +407,7 @@ def teacher_states(
             texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         )
         hidden = model.model(**batch, use_cache=False, output_hidden_states=True).hidden_states
-        last = batch["attention_mask"].sum(-1) - 1
+        last = last_positions(batch["attention_mask"])
         rows = torch.arange(len(chunk))
         out.extend(torch.stack([hidden[layer][rows, last] for layer in layers], 1).float())
     return out
