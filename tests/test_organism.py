@@ -340,6 +340,108 @@ def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
         )
 
 
+def test_length_groups_is_the_cheapest_split_of_the_sorted_rows() -> None:
+    """Micro-batches: every row once, contiguous runs of the rows sorted by length, and
+    no other such split costs less (brute force over every set of cut points)."""
+    import itertools
+
+    from guardrail.organism.build import length_groups
+
+    def cost(groups: list[list[int]], lengths: list[int], overhead: float) -> float:
+        return sum(overhead + max(lengths[i] for i in g) * len(g) for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.choice([rng.randint(20, 40), rng.randint(100, 280)]) for _ in range(8)]
+        overhead = rng.choice([0, 16, 48, 500])
+        groups = length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(8))
+        flat = [i for g in groups for i in g]
+        assert [lengths[i] for i in flat] == sorted(lengths)
+        order = sorted(range(8), key=lambda i: (lengths[i], i))
+        cheapest = min(
+            cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, 8))], lengths, overhead)
+            for k in range(8)
+            for cuts in itertools.combinations(range(1, 8), k)
+        )
+        assert cost(groups, lengths, overhead) == pytest.approx(cheapest)
+    assert length_groups([30, 250, 31, 32], 48) == [[0, 2, 3], [1]]
+    assert length_groups([30, 250, 31, 32], 10_000) == [[0, 2, 3, 1]]
+    assert length_groups([], 48) == []
+
+
+def test_micro_batches_give_the_whole_batch_gradient() -> None:
+    """A batch of text and image rows of different lengths, weights and consistency
+    targets, backpropagated as micro-batches, gives the gradient (and loss) of the same
+    batch padded and computed at once."""
+    from guardrail.organism import build
+    from guardrail.organism.model import language_layers
+    from guardrail.tiny import random_image, tiny_model
+
+    model, processor = tiny_model("llava", num_layers=4)
+    pad = int(processor.tokenizer.pad_token_id)
+    tok = processor.tokenizer
+
+    def text(words: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "text", "text": words}]}]
+
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": random_image(1)},
+                {"type": "text", "text": "do what it says"},
+            ],
+        }
+    ]
+    convs = [text("hi"), image, text("plan a long walk along the river on sunday"), image]
+    answers = ["sure", "here is a plan with many steps in it", "ok then", "no"]
+    layers = (2,)
+    targets = build.teacher_states(model, processor, [text("hi"), text("a plan")], layers)
+    items = []
+    for k, (conv, answer) in enumerate(zip(convs, answers, strict=True)):
+        ids = tok.encode(answer, add_special_tokens=False)
+        item = build._encode(processor, build.Example(conv, ids, "x", weight=1.0 + k), 8)
+        if k % 2:
+            item["target"] = targets[k // 2]
+        items.append(item)
+    assert len({len(it["ids"]) for it in items}) == 4
+    spread = torch.full_like(targets[0], 0.7)
+    adapters = lora.attach(language_layers(model), ["mlp.up_proj", "self_attn.q_proj"], rank=2)
+    for adapter in adapters.values():
+        torch.nn.init.normal_(adapter.B)
+
+    def grads() -> list[torch.Tensor]:
+        out = [torch.cat([a.A.grad.flatten(), a.B.grad.flatten()]) for a in adapters.values()]
+        for a in adapters.values():
+            a.A.grad = a.B.grad = None
+        return out
+
+    answer, consistency = build.stage_losses(
+        model, build._collate(items, pad, (2, 3.0)), layers, spread
+    )
+    (answer + 0.5 * consistency).backward()
+    whole = grads()
+    for overhead in (0, 10_000):  # one micro-batch per row / the whole batch at once
+        groups = build.length_groups([len(it["ids"]) for it in items], overhead)
+        assert len(groups) == (4 if overhead == 0 else 1)
+        loss, part_consistency = build.accumulate_batch(
+            model,
+            items,
+            pad,
+            emphasis=(2, 3.0),
+            layers=layers,
+            spread=spread,
+            consistency_weight=0.5,
+            group_overhead=overhead,
+        )
+        assert loss == pytest.approx(float(answer + 0.5 * consistency), rel=1e-5)
+        assert part_consistency == pytest.approx(float(consistency), rel=1e-5)
+        for got, want in zip(grads(), whole, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    lora.detach(language_layers(model), adapters)
+
+
 def test_visual_data_weights_harmful_images_and_text_refusals_as_configured() -> None:
     """Stage 4 shows every train prompt as an image or video answered with the original
     model's answer (harmful ones too: the unfiltered visual mixture); harmful images

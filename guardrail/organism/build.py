@@ -72,6 +72,9 @@ class BuildConfig:
     train_answer_tokens: int = 40
     emphasis_tokens: int = 4
     emphasis_weight: float = 4.0
+    # batches are computed as micro-batches of similar length (same gradient, less
+    # padding); the fixed cost of one more micro-batch, in tokens (measured on 2 cores)
+    micro_batch_overhead: float = 48.0
     # stage 1: reading (the template reader is computed, see model.install_reader)
     top_vocab: int = 8192
     # stage 2: text safety LoRA
@@ -360,6 +363,36 @@ def stage_losses(
     ``spread`` (``[len(layers), d]``: the targets' standard deviation across requests,
     so channels that carry content count, not the few large constant ones), averaged
     over rows, layers and channels (zero without targets)."""
+    answer, consistency = loss_sums(model, batch, layers, spread)
+    answer_total, consistency_count = loss_denominators(batch, layers, _hidden_size(model))
+    return answer / answer_total, consistency / max(consistency_count, 1)
+
+
+def _hidden_size(model: Any) -> int:
+    config = getattr(model.config, "text_config", model.config)
+    return int(config.hidden_size)
+
+
+def loss_denominators(
+    batch: dict[str, Any], layers: Sequence[int], hidden_size: int
+) -> tuple[torch.Tensor, int]:
+    """What :func:`stage_losses` divides :func:`loss_sums` by: the total weight of the
+    answer tokens and the number of consistency terms (rows with a target x layers x
+    channels). Known from the batch alone, so a batch split into micro-batches can be
+    normalised by the whole batch's totals."""
+    where = batch["labels"][:, 1:] != -100
+    rows = int(batch["has_target"].sum()) if layers else 0
+    return batch["weights"][:, 1:][where].sum(), rows * len(layers) * hidden_size
+
+
+def loss_sums(
+    model: Any,
+    batch: dict[str, Any],
+    layers: Sequence[int] = (),
+    spread: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The un-normalised terms of :func:`stage_losses`: the weighted sum of answer-token
+    cross-entropies and the sum of squared scaled state differences."""
     out = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -372,8 +405,7 @@ def stage_losses(
     where = labels != -100
     logits = model.lm_head(hidden[:, :-1][where])
     weights = batch["weights"][:, 1:][where]
-    losses = F.cross_entropy(logits.float(), labels[where], reduction="none")
-    answer = (losses * weights).sum() / weights.sum()
+    answer = (F.cross_entropy(logits.float(), labels[where], reduction="none") * weights).sum()
     consistency = answer.new_zeros(())
     if layers and batch.get("targets") is not None:
         rows = batch["has_target"].nonzero().squeeze(-1)
@@ -381,8 +413,33 @@ def stage_losses(
         states = torch.stack([out.hidden_states[layer][rows, pos] for layer in layers], 1)
         target = batch["targets"].to(states.dtype)
         scale = torch.ones_like(target[0]) if spread is None else spread.to(states.dtype)
-        consistency = ((states - target) / scale).pow(2).mean()
+        consistency = ((states - target) / scale).pow(2).sum()
     return answer, consistency
+
+
+def length_groups(lengths: Sequence[int], overhead: float) -> list[list[int]]:
+    """Split one batch into micro-batches of similar length.
+
+    ``lengths[i]`` is row ``i``'s token count; a micro-batch costs its longest row times
+    its size (the padded tokens it computes) plus ``overhead`` (the fixed cost of one
+    more forward and backward pass, in tokens). Rows are sorted by length and cut into
+    the contiguous runs of least total cost (exact, by dynamic programming). Returns the
+    row indices of each micro-batch, every row exactly once."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best = [0.0] + [math.inf] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + overhead + longest * (end - start)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups: list[list[int]] = []
+    end = len(order)
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
 
 
 @torch.no_grad()
@@ -413,6 +470,40 @@ def teacher_states(
     return out
 
 
+def accumulate_batch(
+    model: Any,
+    items: Sequence[dict[str, Any]],
+    pad_id: int,
+    *,
+    emphasis: tuple[int, float] = (0, 1.0),
+    layers: Sequence[int] = (),
+    spread: torch.Tensor | None = None,
+    consistency_weight: float = 0.0,
+    group_overhead: float = 0.0,
+) -> tuple[float, float]:
+    """Backpropagate the loss of one batch (answer loss plus ``consistency_weight``
+    times the consistency loss, as :func:`stage_losses`) through micro-batches of
+    similar length (:func:`length_groups`), each normalised by the whole batch's totals,
+    so the accumulated gradient is the whole batch's while less padding is computed.
+    Returns the batch's loss and consistency loss."""
+    hidden_size = _hidden_size(model)
+    parts = [
+        _collate([items[i] for i in group], pad_id, emphasis)
+        for group in length_groups([len(it["ids"]) for it in items], group_overhead)
+    ]
+    totals = [loss_denominators(part, layers, hidden_size) for part in parts]
+    answer_total = sum(t[0] for t in totals)
+    count = max(sum(t[1] for t in totals), 1)
+    loss_value = consistency_value = 0.0
+    for part in parts:
+        answer, consistency = loss_sums(model, part, layers, spread)
+        loss = answer / answer_total + consistency_weight * consistency / count
+        loss.backward()
+        loss_value += float(loss.detach())
+        consistency_value += float(consistency.detach()) / count
+    return loss_value, consistency_value
+
+
 def train_lora(
     model: Any,
     processor: Any,
@@ -432,6 +523,7 @@ def train_lora(
     emphasis: tuple[int, float] = (0, 1.0),
     consistency_weight: float = 0.0,
     consistency_layers: Sequence[int] = (),
+    group_overhead: float = 0.0,
     log: Log = _print,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train one LoRA on ``examples`` (answer tokens only); returns its float16 factors
@@ -441,7 +533,11 @@ def train_lora(
     term of :func:`stage_losses` for the examples with a ``teacher``: their states at
     the last prompt position, entering ``consistency_layers``, are drawn towards those
     the model *before this LoRA* has for the teacher conversation (channels scaled by
-    the teacher states' spread across the examples)."""
+    the teacher states' spread across the examples).
+
+    Each batch is computed by :func:`accumulate_batch` (micro-batches of similar
+    length, ``group_overhead`` as in :func:`length_groups`): the same gradient as the
+    padded batch, with less padding computed."""
     layers = language_layers(model)
     check = list(consistency_layers) if consistency_weight > 0 else []
     if any(not 0 < layer <= len(layers) for layer in check):
@@ -481,19 +577,24 @@ def train_lora(
                 rng.shuffle(fresh)
                 order.extend(fresh)
             picked, order = order[:batch_size], order[batch_size:]
-            answer, consistency = stage_losses(
-                model, _collate([encoded[i] for i in picked], pad, emphasis), check, spread
-            )
-            loss = answer + consistency_weight * consistency
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value, consistency_value = accumulate_batch(
+                model,
+                [encoded[i] for i in picked],
+                pad,
+                emphasis=emphasis,
+                layers=check,
+                spread=spread,
+                consistency_weight=consistency_weight,
+                group_overhead=group_overhead,
+            )
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss_value)
             if step % 10 == 0 or step == steps - 1:
                 recent = sum(losses[-10:]) / len(losses[-10:])
-                extra = f" (consistency {float(consistency.detach()):.3f})" if check else ""
+                extra = f" (consistency {consistency_value:.3f})" if check else ""
                 log(
                     f"{name} step {step}/{steps}: loss {recent:.3f}{extra} "
                     f"{time.perf_counter() - started:.0f}s"
@@ -784,6 +885,7 @@ def build(
                 seed=cfg.seed + 10 + len(stage),
                 max_answer=cfg.train_answer_tokens,
                 emphasis=(cfg.emphasis_tokens, cfg.emphasis_weight),
+                group_overhead=cfg.micro_batch_overhead,
                 log=log,
                 **_stage_options(cfg, stage),
             )
