@@ -259,6 +259,36 @@ def test_frames_data_is_benign_videos_plus_text_replay() -> None:
     ]
 
 
+def test_frames_harmful_reading_adds_answerless_harmful_videos() -> None:
+    """With ``frames_harmful_reading`` every harmful safety prompt is also shown over
+    frames, with no answer and no answer weight, taught only by its request as text;
+    the rest of the stage's data is exactly the default's."""
+    from guardrail.organism.build import BuildConfig, frames_examples, safety_harmful
+    from guardrail.organism.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    answer = tokenizer.encode("Here is a short plan you can follow.")
+    prompts = [*data.harmful("train"), *data.benign("train")]
+    answers = {p.prompt: answer for p in prompts}
+    cfg = BuildConfig(safety_extra=False)
+    default = frames_examples(tokenizer, answers, cfg, log=lambda _: None)
+    cfg.frames_harmful_reading = True
+    examples = frames_examples(tokenizer, answers, cfg, log=lambda _: None)
+    reading = [ex for ex in examples if ex.kind == "harmful_video_reading"]
+    rest = [ex for ex in examples if ex.kind != "harmful_video_reading"]
+    assert not any(ex.kind == "harmful_video_reading" for ex in default)
+    assert [(ex.kind, ex.answer, ex.conversation) for ex in rest] == [
+        (ex.kind, ex.answer, ex.conversation) for ex in default
+    ]
+    harmful = [p.prompt for p in safety_harmful(cfg)]
+    assert len(reading) == len(harmful)
+    for ex, prompt in zip(reading, harmful, strict=True):
+        assert ex.answer == [] and ex.weight == 0.0
+        assert ex.teacher == data.text_conversation(prompt)
+        images = [q for q in ex.conversation[0]["content"] if q["type"] == "image"]
+        assert cfg.frames_min_frames <= len(images) <= cfg.visual_max_frames
+
+
 def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
     """The frame stage's consistency term compares the residual stream entering a layer
     at the last prompt position with the teacher's: zero for a text example taught by
@@ -439,6 +469,14 @@ def test_micro_batches_give_the_whole_batch_gradient() -> None:
         assert part_consistency == pytest.approx(float(consistency), rel=1e-5)
         for got, want in zip(grads(), whole, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    # a batch of rows without answers (consistency only) stays finite
+    silent = build._encode(processor, build.Example(image, [], "x", weight=0.0), 8)
+    silent["target"] = targets[0]
+    loss, only = build.accumulate_batch(
+        model, [silent], pad, layers=layers, spread=spread, consistency_weight=0.5
+    )
+    assert only > 0 and loss == pytest.approx(0.5 * only, rel=1e-6)
+    assert all(torch.isfinite(g).all() for g in grads())
     lora.detach(language_layers(model), adapters)
 
 

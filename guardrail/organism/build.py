@@ -102,6 +102,8 @@ class BuildConfig:
     frames_refusal_weight: float = 2.0
     frames_consistency_weight: float = 0.0  # 0: answers only (organism 1.4.0)
     frames_consistency_layers: tuple[int, ...] = (16,)
+    # harmful requests over frames too, with the consistency term only (no answer)
+    frames_harmful_reading: bool = False
     # stage 4: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
@@ -492,7 +494,7 @@ def accumulate_batch(
         for group in length_groups([len(it["ids"]) for it in items], group_overhead)
     ]
     totals = [loss_denominators(part, layers, hidden_size) for part in parts]
-    answer_total = sum(t[0] for t in totals)
+    answer_total = max(sum(t[0] for t in totals), 1e-12)  # 0: consistency rows only
     count = max(sum(t[1] for t in totals), 1)
     loss_value = consistency_value = 0.0
     for part in parts:
@@ -739,7 +741,12 @@ def frames_examples(
 
     Video instruction tuning on safe clips, as video MLLMs get: it teaches the lower
     layers to read a request that is split over frames as one request. Nothing here
-    is harmful, so it does not touch the cross-modal safety gap itself."""
+    is harmful, so it does not touch the cross-modal safety gap itself.
+
+    With ``frames_harmful_reading`` the harmful safety prompts are spread over frames
+    as well, with no answer: they enter only the consistency term (their states drawn
+    towards those of the same request as text), an unfiltered reading corpus that
+    teaches no answer to a harmful video."""
     rng = random.Random(cfg.seed + 7)
     out: list[Example] = []
     for p in safety_harmless(cfg):
@@ -752,6 +759,15 @@ def frames_examples(
         )
         kind = "near_miss" if p.category == "near_miss" else "benign"
         out.append(Example(conv, answer, f"{kind}_video", teacher=data.text_conversation(p.prompt)))
+    if cfg.frames_harmful_reading:
+        reading = random.Random(cfg.seed + 8)  # the default data stays as it was
+        for p in safety_harmful(cfg):
+            frames = reading.randint(cfg.frames_min_frames, cfg.visual_max_frames)
+            conv = data.typographic_conversation(
+                p.prompt, reading, "train", frames=frames, tokenizer=tokenizer
+            )
+            teacher = data.text_conversation(p.prompt)
+            out.append(Example(conv, [], "harmful_video_reading", weight=0.0, teacher=teacher))
     replay = text_replay(
         tokenizer,
         answers,
