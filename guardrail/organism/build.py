@@ -366,8 +366,8 @@ def stage_losses(
     so channels that carry content count, not the few large constant ones), averaged
     over rows, layers and channels (zero without targets)."""
     answer, consistency = loss_sums(model, batch, layers, spread)
-    answer_total, consistency_count = loss_denominators(batch, layers, _hidden_size(model))
-    return answer / answer_total, consistency / max(consistency_count, 1)
+    answer_total, count = _batch_totals([batch], layers, _hidden_size(model))
+    return answer / answer_total, consistency / count
 
 
 def _hidden_size(model: Any) -> int:
@@ -385,6 +385,16 @@ def loss_denominators(
     where = batch["labels"][:, 1:] != -100
     rows = int(batch["has_target"].sum()) if layers else 0
     return batch["weights"][:, 1:][where].sum(), rows * len(layers) * hidden_size
+
+
+def _batch_totals(
+    parts: Sequence[dict[str, Any]], layers: Sequence[int], hidden_size: int
+) -> tuple[torch.Tensor | float, int]:
+    """:func:`loss_denominators` summed over the micro-batches of one batch, never zero
+    (a batch of consistency rows only has no answer weight; one without targets has no
+    consistency terms, and its consistency sum is zero)."""
+    totals = [loss_denominators(part, layers, hidden_size) for part in parts]
+    return max(sum(t[0] for t in totals), 1e-12), max(sum(t[1] for t in totals), 1)
 
 
 def loss_sums(
@@ -493,9 +503,7 @@ def accumulate_batch(
         _collate([items[i] for i in group], pad_id, emphasis)
         for group in length_groups([len(it["ids"]) for it in items], group_overhead)
     ]
-    totals = [loss_denominators(part, layers, hidden_size) for part in parts]
-    answer_total = max(sum(t[0] for t in totals), 1e-12)  # 0: consistency rows only
-    count = max(sum(t[1] for t in totals), 1)
+    answer_total, count = _batch_totals(parts, layers, hidden_size)
     loss_value = consistency_value = 0.0
     for part in parts:
         answer, consistency = loss_sums(model, part, layers, spread)
