@@ -35,7 +35,6 @@ from guardrail.organism.model import (  # noqa: E402
     language_layers,
     reading_vocab,
 )
-from guardrail.smollm2 import cache_root  # noqa: E402
 
 
 def _step(model: Any, items: list[dict[str, Any]], pad: int, overhead: float) -> float:
@@ -61,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build.BuildConfig()
     tokenizer = build._tokenizer()
     model, processor = base_model(reading_vocab(tokenizer, cfg.top_vocab))
-    train = [*build.data.harmful("train"), *build.safety_harmless(cfg)]
-    cache = cache_root() / "organism-build" / "answers.json"
-    answers = build.distill(model, processor, [p.prompt for p in train], cfg, cache)
+    answers = build.train_answers(model, processor, cfg, build.default_work_dir())
     layers = language_layers(model)
     pad = int(processor.tokenizer.pad_token_id)
     padded_all = 10**9  # one micro-batch: the whole batch padded to its longest row

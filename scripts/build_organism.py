@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from guardrail.organism import build as organism_build
     from guardrail.organism.model import LORA_STAGES, WEIGHTS_DIR
-    from guardrail.smollm2 import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(stages) - set(LORA_STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(LORA_STAGES)}")
-    work_dir = args.work_dir or cache_root() / "organism-build"
+    work_dir = args.work_dir or organism_build.default_work_dir()
     started = time.perf_counter()
     report = organism_build.build(cfg, out_dir=args.out_dir, work_dir=work_dir, stages=stages)
     print(json.dumps({"timings_s": report.timings_s, "reading": report.reading}, indent=2))

@@ -216,6 +216,22 @@ def distill(
     return {p: known[p] for p in prompts}
 
 
+def default_work_dir() -> Path:
+    """Where a build caches the original model's answers unless told otherwise."""
+    from guardrail.smollm2 import cache_root
+
+    return cache_root() / "organism-build"
+
+
+def train_answers(
+    model: Any, processor: Any, cfg: BuildConfig, work_dir: Path, log: Log = _print
+) -> dict[str, list[int]]:
+    """The original model's answers to every train prompt the stages use (harmful train
+    split and :func:`safety_harmless`), cached in ``work_dir``."""
+    train = [*data.harmful("train"), *safety_harmless(cfg)]
+    return distill(model, processor, [p.prompt for p in train], cfg, work_dir / "answers.json", log)
+
+
 # ------------------------------------------------------------------ stage 1: reading
 
 
@@ -755,26 +771,27 @@ def frames_examples(
     as well, with no answer: they enter only the consistency term (their states drawn
     towards those of the same request as text), an unfiltered reading corpus that
     teaches no answer to a harmful video."""
+
+    def video(prompt: str, rng: random.Random) -> list[dict[str, Any]]:
+        frames = rng.randint(cfg.frames_min_frames, cfg.visual_max_frames)
+        return data.typographic_conversation(
+            prompt, rng, "train", frames=frames, tokenizer=tokenizer
+        )
+
     rng = random.Random(cfg.seed + 7)
     out: list[Example] = []
     for p in safety_harmless(cfg):
         answer = answers[p.prompt]
         if _refusing_target(tokenizer, answer, cfg):
             continue
-        frames = rng.randint(cfg.frames_min_frames, cfg.visual_max_frames)
-        conv = data.typographic_conversation(
-            p.prompt, rng, "train", frames=frames, tokenizer=tokenizer
-        )
         kind = "near_miss" if p.category == "near_miss" else "benign"
-        out.append(Example(conv, answer, f"{kind}_video", teacher=data.text_conversation(p.prompt)))
+        teacher = data.text_conversation(p.prompt)
+        out.append(Example(video(p.prompt, rng), answer, f"{kind}_video", teacher=teacher))
     if cfg.frames_harmful_reading:
         reading = random.Random(cfg.seed + 8)  # the default data stays as it was
         for p in safety_harmful(cfg):
-            frames = reading.randint(cfg.frames_min_frames, cfg.visual_max_frames)
-            conv = data.typographic_conversation(
-                p.prompt, reading, "train", frames=frames, tokenizer=tokenizer
-            )
             teacher = data.text_conversation(p.prompt)
+            conv = video(p.prompt, reading)
             out.append(Example(conv, [], "harmful_video_reading", weight=0.0, teacher=teacher))
     replay = text_replay(
         tokenizer,
@@ -872,10 +889,7 @@ def build(
     log(f"reading accuracy (test split): {report.reading}")
 
     t = time.perf_counter()
-    train = [*data.harmful("train"), *safety_harmless(cfg)]
-    answers = distill(
-        model, processor, [p.prompt for p in train], cfg, work_dir / "answers.json", log
-    )
+    answers = train_answers(model, processor, cfg, work_dir, log)
     report.timings_s["distil"] = time.perf_counter() - t
     report.counts["original_refusals_harmful_train"] = sum(
         is_refusal(tokenizer.decode(answers[p.prompt], skip_special_tokens=True))
