@@ -370,6 +370,130 @@ def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
         )
 
 
+def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tmp_path) -> None:
+    """An image-position adapter (``frames_positions = "image"``) adds its term at image
+    tokens only: a text-only request, and every position before the first image token,
+    are bit-identical with and without it; image requests change; training reaches its
+    factors only through image rows; and the stored file, marked by its metadata, is
+    attached (not merged) at assembly."""
+    from safetensors.torch import save_file
+
+    from guardrail.organism import build
+    from guardrail.organism.model import POSITIONS_KEY, OrganismError, language_layers, read_stage
+    from guardrail.tiny import random_image, tiny_model
+
+    model, processor = tiny_model("llava", num_layers=4)
+    layers = language_layers(model)
+    text = [{"role": "user", "content": [{"type": "text", "text": "plan a picnic"}]}]
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look:"},
+                {"type": "image", "image": random_image(3)},
+                {"type": "text", "text": "plan a picnic"},
+            ],
+        }
+    ]
+
+    def run(conv: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = processor.apply_chat_template(
+            conv, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+        return out.hidden_states[-1][0], inputs["input_ids"][0]
+
+    text_before, _ = run(text)
+    image_before, ids = run(image)
+    first_image = int((ids == model.config.image_token_id).nonzero()[0])
+    positions = lora.ImagePositions(model.config.image_token_id)
+    hooks = positions.install(model.model)
+    adapters = lora.attach(layers, ["mlp.up_proj"], rank=2, seed=0, positions=positions)
+    for adapter in adapters.values():
+        torch.nn.init.normal_(adapter.B)
+    text_after, _ = run(text)
+    image_after, _ = run(image)
+    assert torch.equal(text_after, text_before)
+    assert torch.equal(image_after[:first_image], image_before[:first_image])
+    assert not torch.allclose(image_after[first_image:], image_before[first_image:])
+    assert positions.current is None  # cleared after each call
+    with pytest.raises(lora.LoRAError, match="do not fit activations"):
+        positions.current = torch.ones(1, 3, dtype=torch.bool)
+        adapters["0.mlp.up_proj"](torch.zeros(1, 5, layers[0].mlp.up_proj.base.in_features))
+    positions.current = None
+    tensors = lora.factors(adapters, dtype=torch.float32)
+    lora.detach(layers, adapters)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(run(image)[0], image_before)
+
+    # stored with its metadata, read back as image-only, attached with the same effect
+    path = tmp_path / "lora_frames.safetensors"
+    save_file(tensors, str(path), metadata={POSITIONS_KEY: "image"})
+    stored, image_only = read_stage(path)
+    assert image_only
+    positions = lora.ImagePositions(model.config.image_token_id)
+    hooks = positions.install(model.model)
+    wrapped = lora.attach_factors(layers, stored, positions)
+    assert len(wrapped) == 4 and not any(
+        p.requires_grad for a in wrapped.values() for p in (a.A, a.B)
+    )
+    torch.testing.assert_close(run(image)[0], image_after, rtol=1e-5, atol=1e-5)
+    assert torch.equal(run(text)[0], text_before)
+    with pytest.raises(lora.LoRAError, match="has an adapter already"):
+        lora.attach_factors(layers, stored, positions)
+    lora.detach(layers, wrapped)
+    for hook in hooks:
+        hook.remove()
+    save_file(tensors, str(path), metadata={POSITIONS_KEY: "text"})
+    with pytest.raises(OrganismError, match="expected 'all' or 'image'"):
+        read_stage(path)
+
+    # training: text rows give the factors no gradient, image rows do
+    answer = processor.tokenizer.encode("sure, here is a plan", add_special_tokens=False)
+    examples = [build.Example(text, answer, "x"), build.Example(image, answer, "y")]
+    for rows, moved in (([examples[0]], False), ([examples[1]], True)):
+        trained, _ = build.train_lora(
+            model,
+            processor,
+            rows,
+            name="x",
+            modules=["mlp.up_proj"],
+            rank=2,
+            alpha=4.0,
+            lr=1e-2,
+            batch_size=1,
+            epochs=2,
+            seed=0,
+            positions="image",
+            log=lambda _: None,
+        )
+        assert (
+            bool(
+                torch.stack([t.abs().sum() for k, t in trained.items() if k.endswith(".B")]).sum()
+                > 0
+            )
+            is moved
+        )
+    assert torch.equal(run(text)[0], text_before)  # the model is left unchanged
+    with pytest.raises(ValueError, match="positions must be"):
+        build.train_lora(
+            model,
+            processor,
+            [],
+            name="x",
+            modules=["mlp.up_proj"],
+            rank=2,
+            alpha=4.0,
+            lr=1e-3,
+            batch_size=1,
+            epochs=1,
+            seed=0,
+            positions="text",
+        )
+
+
 def test_length_groups_is_the_cheapest_split_of_the_sorted_rows() -> None:
     """Micro-batches: every row once, contiguous runs of the rows sorted by length, and
     no other such split costs less (brute force over every set of cut points)."""

@@ -31,7 +31,13 @@ from PIL import Image
 
 from guardrail.errors import InputError
 from guardrail.organism import render
-from guardrail.organism.model import ORGANISM_VERSION, OrganismError, assemble, weights_digest
+from guardrail.organism.model import (
+    ORGANISM_VERSION,
+    OrganismError,
+    assemble,
+    attach_image_adapters,
+    weights_digest,
+)
 
 __all__ = ["ORGANISM_VERSION", "OrganismError", "cache_dir", "load", "render", "video_message"]
 
@@ -70,7 +76,7 @@ def load(dtype: Any = None) -> tuple[Any, Any]:
     dtype = dtype or torch.float32
     target = cache_dir()
     if not _complete(target):
-        model, processor = assemble()
+        model, processor = assemble(image_adapters=False)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".organism-", dir=target.parent))
         try:
@@ -90,6 +96,7 @@ def load(dtype: Any = None) -> tuple[Any, Any]:
     else:
         model = LlavaForConditionalGeneration.from_pretrained(target, dtype=dtype)
         processor = LlavaProcessor.from_pretrained(target)
+    attach_image_adapters(model)  # not part of the cached weights (cannot be merged)
     processor.tokenizer.padding_side = "left"
     model.eval()
     return model, processor

@@ -19,7 +19,10 @@ in a work directory so an interrupted build resumes):
    text safety data; optionally (``frames_consistency_weight``, off in 1.4.0) a
    consistency term drawing each video's state entering layer 16 at the last prompt
    position towards that of the same request in text (text replay keeps its own);
-   merged before stage 4.
+   merged before stage 4. With ``frames_positions = "image"`` the adapter acts at
+   image-token positions only (a visual expert): it is attached, not merged, text-only
+   requests keep the stage-2 weights exactly, and the text replay is left out (text
+   rows cannot train it).
 4. **Visual instruction tuning**: a last LoRA on the safety-tuned model, trained on
    typographic image/video requests (harmless, near-miss and harmful, as in an
    unfiltered visual-instruction mixture) answered with the *original* model's
@@ -48,10 +51,12 @@ from guardrail.organism import data, lora, render
 from guardrail.organism.model import (
     LORA_STAGES,
     OPTIONAL_STAGES,
+    POSITIONS_KEY,
     WEIGHTS_DIR,
     base_model,
     filler_id,
     language_layers,
+    read_stage,
     reading_vocab,
     save_vocab,
     stage_file,
@@ -104,6 +109,9 @@ class BuildConfig:
     frames_consistency_layers: tuple[int, ...] = (16,)
     # harmful requests over frames too, with the consistency term only (no answer)
     frames_harmful_reading: bool = False
+    # "all": the adapter acts everywhere and is merged (1.4.0); "image": at image-token
+    # positions only (a visual expert), attached at load time
+    frames_positions: str = "all"
     # stage 4: visual instruction LoRA
     visual_rank: int = 8
     visual_alpha: float = 16.0
@@ -524,7 +532,8 @@ def accumulate_batch(
     for part in parts:
         answer, consistency = loss_sums(model, part, layers, spread)
         loss = answer / answer_total + consistency_weight * consistency / count
-        loss.backward()
+        if loss.requires_grad:  # not so for text rows under an image-position adapter
+            loss.backward()
         loss_value += float(loss.detach())
         consistency_value += float(consistency.detach()) / count
     return loss_value, consistency_value
@@ -550,6 +559,7 @@ def train_lora(
     consistency_weight: float = 0.0,
     consistency_layers: Sequence[int] = (),
     group_overhead: float = 0.0,
+    positions: str = "all",
     log: Log = _print,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train one LoRA on ``examples`` (answer tokens only); returns its float16 factors
@@ -563,7 +573,12 @@ def train_lora(
 
     Each batch is computed by :func:`accumulate_batch` (micro-batches of similar
     length, ``group_overhead`` as in :func:`length_groups`): the same gradient as the
-    padded batch, with less padding computed."""
+    padded batch, with less padding computed.
+
+    ``positions="image"`` trains an image-position adapter (:class:`lora.ImagePositions`):
+    the added term is kept at image tokens only."""
+    if positions not in ("all", "image"):
+        raise ValueError(f"positions must be 'all' or 'image', got {positions!r}")
     layers = language_layers(model)
     check = list(consistency_layers) if consistency_weight > 0 else []
     if any(not 0 < layer <= len(layers) for layer in check):
@@ -573,6 +588,11 @@ def train_lora(
     targets = teacher_states(model, processor, list(teachers.values()), check)
     for p in model.parameters():
         p.requires_grad_(False)
+    image_positions = None
+    hooks: list[Any] = []
+    if positions == "image":
+        image_positions = lora.ImagePositions(model.config.image_token_id)
+        hooks = image_positions.install(model.model)
     adapters = lora.attach(
         layers,
         modules,
@@ -581,6 +601,7 @@ def train_lora(
         seed=seed,
         first_layer=first_layer,
         last_layer=last_layer,
+        positions=image_positions,
     )
     params = [p for a in adapters.values() for p in (a.A, a.B)]
     encoded = [_encode(processor, ex, max_answer) for ex in examples]
@@ -629,6 +650,8 @@ def train_lora(
         model.eval()
         tensors = lora.factors(adapters)
         lora.detach(layers, adapters)
+        for hook in hooks:
+            hook.remove()
     return tensors, losses
 
 
@@ -793,6 +816,8 @@ def frames_examples(
             teacher = data.text_conversation(p.prompt)
             conv = video(p.prompt, reading)
             out.append(Example(conv, [], "harmful_video_reading", weight=0.0, teacher=teacher))
+    if cfg.frames_positions == "image":
+        return out  # text rows cannot train an image-position adapter
     replay = text_replay(
         tokenizer,
         answers,
@@ -824,6 +849,7 @@ _STAGE_OPTIONS = {
     "last_layer": "last_layer",
     "consistency_weight": "consistency_weight",
     "consistency_layers": "consistency_layers",
+    "positions": "positions",
 }
 
 
@@ -866,7 +892,7 @@ def build(
     Stages not listed are loaded from ``out_dir`` instead of trained (so one stage can
     be redone), which needs the earlier stages' files there.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     torch.manual_seed(cfg.seed)
     report = BuildReport(config=dataclasses.asdict(cfg))
@@ -897,6 +923,8 @@ def build(
     )
 
     layers = language_layers(model)
+    image_positions = lora.ImagePositions(model.config.image_token_id)
+    image_positions.install(model.model)
     for stage in LORA_STAGES:
         t = time.perf_counter()
         path = stage_file(stage, out_dir)
@@ -928,8 +956,13 @@ def build(
                 **_stage_options(cfg, stage),
             )
             report.losses[stage] = losses
-            save_file(tensors, str(path))
-        lora.merge(layers, load_file(str(path)))
+            image_only = _stage_options(cfg, stage).get("positions", "all") == "image"
+            save_file(tensors, str(path), metadata={POSITIONS_KEY: "image"} if image_only else None)
+        tensors, image_only = read_stage(path)
+        if image_only:
+            lora.attach_factors(layers, tensors, image_positions)
+        else:
+            lora.merge(layers, tensors)
         report.timings_s[stage] = time.perf_counter() - t
     report.timings_s["total"] = time.perf_counter() - t0
     (out_dir / "build.json").write_text(

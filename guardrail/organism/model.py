@@ -414,19 +414,62 @@ def save_vocab(vocab: Sequence[int], weights_dir: Path = WEIGHTS_DIR) -> None:
     )
 
 
-def assemble(weights_dir: Path = WEIGHTS_DIR) -> tuple[Any, Any]:
-    """The organism from SmolLM2 and the stored parts (not cached; see :func:`load`)."""
+POSITIONS_KEY = "positions"
+"""Metadata key of a stage file: ``"image"`` for an image-position adapter (see
+:class:`guardrail.organism.lora.ImagePositions`), absent for a merged one."""
+
+
+def read_stage(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A stage file's factors and whether they form an image-position adapter."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise OrganismError(
+            f"{path} is unreadable ({exc}); rebuild it with scripts/build_organism.py"
+        ) from exc
+    positions = metadata.get(POSITIONS_KEY, "all")
+    if positions not in ("all", "image"):
+        raise OrganismError(
+            f"{path} declares {POSITIONS_KEY}={positions!r}; expected 'all' or 'image' "
+            "(rebuild it with scripts/build_organism.py)"
+        )
+    return tensors, positions == "image"
+
+
+def attach_image_adapters(model: Any, weights_dir: Path = WEIGHTS_DIR) -> int:
+    """Wrap ``model`` with the stored image-position adapters (not merged, see
+    :func:`read_stage`); returns how many modules were wrapped."""
+    wrapped = 0
+    positions: lora.ImagePositions | None = None
+    for path in weight_files(weights_dir)[1:]:
+        tensors, image_only = read_stage(path)
+        if not image_only:
+            continue
+        if positions is None:
+            positions = lora.ImagePositions(model.config.image_token_id)
+            positions.install(model.model)
+        wrapped += len(lora.attach_factors(language_layers(model), tensors, positions))
+    return wrapped
+
+
+def assemble(weights_dir: Path = WEIGHTS_DIR, *, image_adapters: bool = True) -> tuple[Any, Any]:
+    """The organism from SmolLM2 and the stored parts (not cached; see :func:`load`).
+
+    Merged adapters are added to the weights; image-position adapters are attached
+    (:func:`attach_image_adapters`) unless ``image_adapters`` is false, which gives the
+    plain ``LlavaForConditionalGeneration`` that :func:`load` caches."""
     weights_digest(weights_dir)  # raises a clear error if a part is missing
     model, processor = base_model(load_vocab(weights_dir))
     for path in weight_files(weights_dir)[1:]:
-        try:
-            tensors = load_file(str(path))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise OrganismError(
-                f"{path} is unreadable ({exc}); rebuild it with scripts/build_organism.py"
-            ) from exc
-        lora.merge(language_layers(model), tensors)
+        tensors, image_only = read_stage(path)
+        if not image_only:
+            lora.merge(language_layers(model), tensors)
+    if image_adapters:
+        attach_image_adapters(model, weights_dir)
     model.eval()
     return model, processor
