@@ -9,6 +9,7 @@ refusal behaviour; they take about four minutes on two CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from typing import Any
@@ -257,6 +258,10 @@ def test_frames_data_is_benign_videos_plus_text_replay() -> None:
     assert [ex.conversation[0]["content"][-1] for ex in again] == [
         ex.conversation[0]["content"][-1] for ex in examples
     ]
+    # an image-position adapter cannot learn from text rows: the same videos, no replay
+    image_only = dataclasses.replace(cfg, frames_positions="image")
+    only = frames_examples(tokenizer, answers, image_only, log=lambda _: None)
+    assert [ex.conversation for ex in only] == [ex.conversation for ex in videos]
 
 
 def test_frames_harmful_reading_adds_answerless_harmful_videos() -> None:
@@ -638,6 +643,10 @@ def test_visual_data_weights_harmful_images_and_text_refusals_as_configured() ->
     plain = BuildConfig(safety_extra=False, visual_harmful_image_weight=1.0)
     unweighted = visual_examples(tokenizer, answers, plain, log=lambda _: None)
     assert {ex.weight for ex in unweighted if ex.kind == "harmful_image"} == {1.0}
+    image_only = visual_examples(
+        tokenizer, answers, dataclasses.replace(cfg, visual_positions="image"), log=lambda _: None
+    )
+    assert [ex.conversation for ex in image_only] == [ex.conversation for ex in media]
 
 
 def test_safety_extra_prompts_are_train_only_and_new() -> None:

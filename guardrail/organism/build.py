@@ -126,6 +126,7 @@ class BuildConfig:
     visual_harmful_image_weight: float = 2.5  # loss weight of harmful image -> answer
     visual_video_share: float = 0.15
     visual_max_frames: int = 3
+    visual_positions: str = "all"  # as frames_positions
     drop_refusing_targets: bool = True
 
 
@@ -744,6 +745,8 @@ def visual_examples(
         kind = f"{group}_{'image' if frames == 1 else 'video'}"
         weight = cfg.visual_harmful_image_weight if kind == "harmful_image" else 1.0
         out.append(Example(conv, answer, kind, weight))
+    if cfg.visual_positions == "image":
+        return out  # text rows cannot train an image-position adapter
     out.extend(
         text_replay(
             tokenizer,
