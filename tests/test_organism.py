@@ -294,6 +294,24 @@ def test_frames_harmful_reading_adds_answerless_harmful_videos() -> None:
         assert cfg.frames_min_frames <= len(images) <= cfg.visual_max_frames
 
 
+def _train_tiny(model: Any, processor: Any, examples: list[Any], **options: Any) -> Any:
+    """:func:`build.train_lora` of a rank-2 up-projection adapter, one row per batch."""
+    from guardrail.organism import build
+
+    settings: dict[str, Any] = dict(
+        name="x",
+        modules=["mlp.up_proj"],
+        rank=2,
+        alpha=4.0,
+        lr=1e-3,
+        batch_size=1,
+        epochs=1,
+        seed=0,
+        log=lambda _: None,
+    )
+    return build.train_lora(model, processor, examples, **{**settings, **options})
+
+
 def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
     """The frame stage's consistency term compares the residual stream entering a layer
     at the last prompt position with the teacher's: zero for a text example taught by
@@ -358,21 +376,7 @@ def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
     assert grads["0.mlp.up_proj"] > 0 and grads["1.mlp.up_proj"] > 0
     assert grads["2.mlp.up_proj"] == 0 and grads["3.mlp.up_proj"] == 0
     with pytest.raises(ValueError, match="consistency layers"):
-        build.train_lora(
-            model,
-            processor,
-            [],
-            name="x",
-            modules=["mlp.up_proj"],
-            rank=2,
-            alpha=4.0,
-            lr=1e-3,
-            batch_size=1,
-            epochs=1,
-            seed=0,
-            consistency_weight=1.0,
-            consistency_layers=(9,),
-        )
+        _train_tiny(model, processor, [], consistency_weight=1.0, consistency_layers=(9,))
 
 
 def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tmp_path) -> None:
@@ -412,8 +416,7 @@ def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tm
     text_before, _ = run(text)
     image_before, ids = run(image)
     first_image = int((ids == model.config.image_token_id).nonzero()[0])
-    positions = lora.ImagePositions(model.config.image_token_id)
-    hooks = positions.install(model.model)
+    positions = lora.ImagePositions(model)
     adapters = lora.attach(layers, ["mlp.up_proj"], rank=2, seed=0, positions=positions)
     for adapter in adapters.values():
         torch.nn.init.normal_(adapter.B)
@@ -429,8 +432,7 @@ def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tm
     positions.current = None
     tensors = lora.factors(adapters, dtype=torch.float32)
     lora.detach(layers, adapters)
-    for hook in hooks:
-        hook.remove()
+    positions.remove()
     assert torch.equal(run(image)[0], image_before)
 
     # stored with its metadata, read back as image-only, attached with the same effect
@@ -438,8 +440,7 @@ def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tm
     save_file(tensors, str(path), metadata={POSITIONS_KEY: "image"})
     stored, image_only = read_stage(path)
     assert image_only
-    positions = lora.ImagePositions(model.config.image_token_id)
-    hooks = positions.install(model.model)
+    positions = lora.ImagePositions(model)
     wrapped = lora.attach_factors(layers, stored, positions)
     assert len(wrapped) == 4 and not any(
         p.requires_grad for a in wrapped.values() for p in (a.A, a.B)
@@ -449,8 +450,7 @@ def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tm
     with pytest.raises(lora.LoRAError, match="has an adapter already"):
         lora.attach_factors(layers, stored, positions)
     lora.detach(layers, wrapped)
-    for hook in hooks:
-        hook.remove()
+    positions.remove()
     save_file(tensors, str(path), metadata={POSITIONS_KEY: "text"})
     with pytest.raises(OrganismError, match="expected 'all' or 'image'"):
         read_stage(path)
@@ -459,44 +459,11 @@ def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tm
     answer = processor.tokenizer.encode("sure, here is a plan", add_special_tokens=False)
     examples = [build.Example(text, answer, "x"), build.Example(image, answer, "y")]
     for rows, moved in (([examples[0]], False), ([examples[1]], True)):
-        trained, _ = build.train_lora(
-            model,
-            processor,
-            rows,
-            name="x",
-            modules=["mlp.up_proj"],
-            rank=2,
-            alpha=4.0,
-            lr=1e-2,
-            batch_size=1,
-            epochs=2,
-            seed=0,
-            positions="image",
-            log=lambda _: None,
-        )
-        assert (
-            bool(
-                torch.stack([t.abs().sum() for k, t in trained.items() if k.endswith(".B")]).sum()
-                > 0
-            )
-            is moved
-        )
+        trained, _ = _train_tiny(model, processor, rows, lr=1e-2, epochs=2, positions="image")
+        assert any(bool(t.abs().sum() > 0) for k, t in trained.items() if k.endswith(".B")) is moved
     assert torch.equal(run(text)[0], text_before)  # the model is left unchanged
     with pytest.raises(ValueError, match="positions must be"):
-        build.train_lora(
-            model,
-            processor,
-            [],
-            name="x",
-            modules=["mlp.up_proj"],
-            rank=2,
-            alpha=4.0,
-            lr=1e-3,
-            batch_size=1,
-            epochs=1,
-            seed=0,
-            positions="text",
-        )
+        _train_tiny(model, processor, [], positions="text")
 
 
 def test_length_groups_is_the_cheapest_split_of_the_sorted_rows() -> None:

@@ -589,11 +589,7 @@ def train_lora(
     targets = teacher_states(model, processor, list(teachers.values()), check)
     for p in model.parameters():
         p.requires_grad_(False)
-    image_positions = None
-    hooks: list[Any] = []
-    if positions == "image":
-        image_positions = lora.ImagePositions(model.config.image_token_id)
-        hooks = image_positions.install(model.model)
+    image_positions = lora.ImagePositions(model) if positions == "image" else None
     adapters = lora.attach(
         layers,
         modules,
@@ -651,8 +647,8 @@ def train_lora(
         model.eval()
         tensors = lora.factors(adapters)
         lora.detach(layers, adapters)
-        for hook in hooks:
-            hook.remove()
+        if image_positions is not None:
+            image_positions.remove()
     return tensors, losses
 
 
@@ -926,16 +922,12 @@ def build(
     )
 
     layers = language_layers(model)
-    image_positions = lora.ImagePositions(model.config.image_token_id)
-    image_positions.install(model.model)
+    image_positions = lora.ImagePositions(model)
     for stage in LORA_STAGES:
         t = time.perf_counter()
         path = stage_file(stage, out_dir)
-        if (
-            stage in OPTIONAL_STAGES
-            and stage in stages
-            and _stage_options(cfg, stage)["epochs"] <= 0
-        ):
+        options = _stage_options(cfg, stage)
+        if stage in OPTIONAL_STAGES and stage in stages and options["epochs"] <= 0:
             path.unlink(missing_ok=True)  # an adapter of an earlier build with the stage on
             log(f"{stage} stage left out ({stage}_epochs = 0)")
             continue
@@ -956,11 +948,11 @@ def build(
                 emphasis=(cfg.emphasis_tokens, cfg.emphasis_weight),
                 group_overhead=cfg.micro_batch_overhead,
                 log=log,
-                **_stage_options(cfg, stage),
+                **options,
             )
             report.losses[stage] = losses
-            image_only = _stage_options(cfg, stage).get("positions", "all") == "image"
-            save_file(tensors, str(path), metadata={POSITIONS_KEY: "image"} if image_only else None)
+            mark = {POSITIONS_KEY: "image"} if options.get("positions") == "image" else None
+            save_file(tensors, str(path), metadata=mark)
         tensors, image_only = read_stage(path)
         if image_only:
             lora.attach_factors(layers, tensors, image_positions)

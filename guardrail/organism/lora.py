@@ -36,18 +36,16 @@ class LoRAError(GuardrailError):
 
 class ImagePositions:
     """The image-token positions of the forward pass in progress, for image-position
-    adapters: :meth:`install` hooks the LLaVA model (``model.model``), which sets them
-    from its ``input_ids`` before each call and clears them after it.
+    adapters. Made for a ``LlavaForConditionalGeneration``: hooks its ``model.model``,
+    which sets them from its ``input_ids`` before each call and clears them after it
+    (:meth:`remove` takes the hooks off).
 
     A call without ``input_ids`` (``inputs_embeds`` only) or a language model called
     on its own has no image positions: the adapter then changes nothing."""
 
-    def __init__(self, image_token_id: int):
-        self.image_token_id = int(image_token_id)
+    def __init__(self, model: Any):
+        self.image_token_id = int(model.config.image_token_id)
         self.current: torch.Tensor | None = None
-
-    def install(self, llava_model: nn.Module) -> list[Any]:
-        """Hook ``llava_model``; returns the hook handles (``.remove()`` undoes it)."""
 
         def before(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -56,10 +54,16 @@ class ImagePositions:
         def after(*_: Any) -> None:
             self.current = None
 
-        return [
-            llava_model.register_forward_pre_hook(before, with_kwargs=True),
-            llava_model.register_forward_hook(after),
+        llava = model.model
+        self._hooks = [
+            llava.register_forward_pre_hook(before, with_kwargs=True),
+            llava.register_forward_hook(after),
         ]
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for hook in self._hooks:
+            hook.remove()
 
     def mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """``(batch, seq, 1)`` mask of the image positions for activations ``x``, or

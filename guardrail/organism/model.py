@@ -451,8 +451,7 @@ def attach_image_adapters(model: Any, weights_dir: Path = WEIGHTS_DIR) -> int:
         if not image_only:
             continue
         if positions is None:
-            positions = lora.ImagePositions(model.config.image_token_id)
-            positions.install(model.model)
+            positions = lora.ImagePositions(model)
         wrapped += len(lora.attach_factors(language_layers(model), tensors, positions))
     return wrapped
 
