@@ -352,9 +352,11 @@ class _Progress:
 
 
 def candidate_layers(num_layers: int, layer_range: tuple[float, float]) -> list[int]:
-    """Layers in ``[lo * L, hi * L]`` (by default the last 20 % are excluded)."""
+    """Layers ``l`` with ``lo * L <= l < hi * L``: by default the first 20 % and the
+    last 20 % are left out (of 30 layers, 6 to 23; layer 24 is the first of the last
+    six). ``hi = 1`` keeps the last layer."""
     lo = math.ceil(layer_range[0] * num_layers)
-    hi = min(num_layers - 1, math.floor(layer_range[1] * num_layers))
+    hi = min(num_layers, math.ceil(layer_range[1] * num_layers)) - 1
     layers = list(range(lo, hi + 1))
     if not layers:
         raise InputError(f"layer range {layer_range} selects no layer of {num_layers}")

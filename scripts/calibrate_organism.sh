@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
     --name organism --version 1.0.0 --out policies/organism/1.0.0 \
     --image-size 256 --video-frames 3 --max-validation 48 --trigger-rate 0.05 \
     --batch-size 8 --seed 0 \
-    --layers 8,10,12,14,16,18,20,22,24 --lam-grid 8,16,32,64 --kappa-grid 1,1.5,2,3 \
+    --layers 8,10,12,14,16,18,20,22 --lam-grid 8,16,32,64 --kappa-grid 1,1.5,2,3 \
     --recenter-activation steered \
     --report "${REPORT:-benchmarks/out/organism-calibration.html}" "$@"

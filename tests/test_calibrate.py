@@ -317,3 +317,15 @@ def test_validation_subset_is_spread_over_the_split():
     assert len({p.category for p in picked}) > len(head)
     share = sum(p.category == "near_miss" for p in val) / len(val)
     assert abs(sum(p.category == "near_miss" for p in picked) / 24 - share) < 0.05
+
+
+def test_candidate_layers_leave_out_the_last_fifth():
+    """The default range keeps ``0.2 L <= l < 0.8 L``: of 30 layers (the organism's
+    language model) 6 to 23, since layers 24-29 are the last 20 %; where 0.8 L is not a
+    whole number the boundary layer below it stays in."""
+    assert candidate_layers(30, (0.2, 0.8)) == list(range(6, 24))
+    assert candidate_layers(32, (0.2, 0.8)) == list(range(7, 26))  # 25.6: 26-31 left out
+    assert candidate_layers(4, (0.2, 0.8)) == [1, 2, 3]
+    assert candidate_layers(10, (0.0, 1.0)) == list(range(10))
+    with pytest.raises(InputError, match="selects no layer"):
+        candidate_layers(2, (0.6, 0.7))
