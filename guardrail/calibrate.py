@@ -356,8 +356,7 @@ def candidate_layers(num_layers: int, layer_range: tuple[float, float]) -> list[
     last 20 % are left out (of 30 layers, 6 to 23; layer 24 is the first of the last
     six). ``hi = 1`` keeps the last layer."""
     lo = math.ceil(layer_range[0] * num_layers)
-    hi = min(num_layers, math.ceil(layer_range[1] * num_layers)) - 1
-    layers = list(range(lo, hi + 1))
+    layers = list(range(lo, min(num_layers, math.ceil(layer_range[1] * num_layers))))
     if not layers:
         raise InputError(f"layer range {layer_range} selects no layer of {num_layers}")
     return layers
