@@ -45,3 +45,29 @@ def quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(data) - 1)
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def share_above(values: Sequence[float], threshold: float) -> float:
+    """Share of ``values`` strictly above ``threshold`` (how often a gate there opens)."""
+    if not values:
+        raise ValueError("share_above of an empty sequence")
+    return sum(1 for v in values if v > threshold) / len(values)
+
+
+def gate_for_recall(positives: Sequence[float], recall: float) -> float:
+    """A gate at which at least ``recall`` of ``positives`` lie strictly above it.
+
+    With the scores sorted high to low, every gate below the ``ceil(recall * n)``-th
+    score and at or above the next lower one opens on the same positives; the gate
+    returned is the midpoint of that interval (one unit below the lowest score when
+    every positive must pass), so ``share_above(positives, gate) >= recall`` holds.
+    """
+    if not positives:
+        raise ValueError("gate_for_recall needs at least one positive score")
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    data = sorted(positives, reverse=True)
+    k = math.ceil(recall * len(data) - 1e-9)
+    kth = data[k - 1]
+    lower = [v for v in data[k:] if v < kth]
+    return (kth + lower[0]) / 2 if lower else kth - 1.0

@@ -18,7 +18,7 @@ from guardrail.evaluate import (
     prefix_agreement,
 )
 from guardrail.guardrail import Guardrail
-from guardrail.metrics import auroc, quantile, wilson_interval
+from guardrail.metrics import auroc, gate_for_recall, quantile, share_above, wilson_interval
 from guardrail.typography import TypographicRenderer
 
 from .conftest import tiny
@@ -58,6 +58,24 @@ def test_metrics_known_values():
     assert quantile([1, 2, 3, 4], 0.5) == 2.5
     assert prefix_agreement([1, 2, 3], [1, 2, 9, 9]) == 0.5
     assert prefix_agreement([], []) == 1.0
+
+
+def test_gate_for_recall_keeps_the_recall_midway_below_the_last_score_it_needs():
+    scores = [0.9, 0.1, 0.5, 0.3, 0.7]
+    assert share_above(scores, 0.5) == 0.4 and share_above(scores, -1.0) == 1.0
+    # 60 % of five scores: below the third highest (0.5), above the fourth (0.3)
+    assert gate_for_recall(scores, 0.6) == pytest.approx(0.4)
+    assert share_above(scores, gate_for_recall(scores, 0.6)) == 0.6
+    # every score: below the lowest, one unit lower
+    assert gate_for_recall(scores, 1.0) == pytest.approx(-0.9)
+    # ties: 0.5 twice, 50 % of four lets both through (midway to 0.2)
+    assert gate_for_recall([0.5, 0.5, 0.2, 0.9], 0.5) == pytest.approx(0.35)
+    for recall in (0.1, 0.25, 0.8, 0.95):
+        assert share_above(scores, gate_for_recall(scores, recall)) >= recall
+    with pytest.raises(ValueError, match="recall"):
+        gate_for_recall(scores, 0.0)
+    with pytest.raises(ValueError, match="empty"):
+        share_above([], 0.0)
 
 
 def test_report_aggregates_per_modality_label_and_category():
