@@ -8,7 +8,9 @@ requests are scored with the re-centred rule. Per modality - text (ordinary and
 near-miss benign), typographic images, and videos whose instruction is split across
 frames - the tables print the AUROC of harmful against benign requests and the mean
 score of the harmful requests minus that of the benign ones (in units of the text
-gap ``g``). One forward pass per request collects every window.
+gap ``g``). A last row pairs harmful videos with near-miss text, each re-centred for
+its own modality: one gate has to open on the first and stay shut on the second.
+One forward pass per request collects every window.
 
     python benchmarks/score_window.py [--windows 1,2,3,6] [--layers 18] [--limit 96]
 
@@ -39,11 +41,14 @@ from guardrail.metrics import auroc  # noqa: E402
 from guardrail.neutral import NeutralMedia, neutral_media  # noqa: E402
 from guardrail.organism import data  # noqa: E402
 
+# (harmful row, benign row); each row is re-centred for its own modality (its last word),
+# so a cross-modal pair asks what one gate must do: open on the one, not on the other
 ROWS = (
-    ("text", "harmful text", "benign text"),
-    ("text", "harmful text", "near-miss text"),
-    ("image", "harmful image", "benign image"),
-    ("video", "harmful video", "benign video"),
+    ("harmful text", "benign text"),
+    ("harmful text", "near-miss text"),
+    ("harmful image", "benign image"),
+    ("harmful video", "benign video"),
+    ("harmful video", "near-miss text"),
 )
 
 
@@ -151,26 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     table = []
-    print(f"{'layer':>5} {'k':>3}  " + "  ".join(f"{h} vs {b}" for _, h, b in ROWS))
+    print(f"{'layer':>5} {'k':>3}  " + "  ".join(f"{h} vs {b}" for h, b in ROWS))
     for layer in layers:
         for k in windows:
             key = (layer, k)
             row = {"layer": layer, "k": k}
-            for modality, pos, neg in ROWS:
-                high = _scores(acts[pos][key], means, key, modality)
-                low = _scores(acts[neg][key], means, key, modality)
+            for pos, neg in ROWS:
+                high = _scores(acts[pos][key], means, key, pos.split()[-1])
+                low = _scores(acts[neg][key], means, key, neg.split()[-1])
                 row[f"{pos} vs {neg}"] = round(auroc(high, low), 3)
                 gap = sum(high) / len(high) - sum(low) / len(low)
                 row[f"{pos} vs {neg} mean score gap"] = round(gap, 3)
             table.append(row)
-            values = "  ".join(
-                f"{row[f'{h} vs {b}']:>{len(h) + len(b) + 4}.3f}" for _, h, b in ROWS
-            )
+            values = "  ".join(f"{row[f'{h} vs {b}']:>{len(h) + len(b) + 4}.3f}" for h, b in ROWS)
             print(f"{layer:>5} {k:>3}  {values}")
     print("\nmean score of harmful minus benign requests (in units of the text gap g):")
     for row in table:
         values = "  ".join(
-            f"{row[f'{h} vs {b} mean score gap']:>{len(h) + len(b) + 4}.3f}" for _, h, b in ROWS
+            f"{row[f'{h} vs {b} mean score gap']:>{len(h) + len(b) + 4}.3f}" for h, b in ROWS
         )
         print(f"{row['layer']:>5} {row['k']:>3}  {values}")
     print(f"({time.perf_counter() - started:.0f} s)")
