@@ -32,9 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.paper_claims import conversations  # noqa: E402
+from benchmarks.paper_claims import conversations, media_modalities, split_prompts  # noqa: E402
 from guardrail import Guardrail, PolicyBundle  # noqa: E402
-from guardrail.datasets import load_prompts, spread  # noqa: E402
 from guardrail.evaluate import default_renderer  # noqa: E402
 from guardrail.loading import load_model  # noqa: E402
 from guardrail.metrics import auroc, gate_for_recall, quantile, share_above  # noqa: E402
@@ -69,15 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     bundle = PolicyBundle.from_pretrained(args.policy, adapter=guard.adapter)
     tau = bundle.parameters.tau
     renderer = default_renderer(args.model)
-    media = [
-        m for m in ("image", "video") if m in guard.adapter.modalities or args.model == "organism"
-    ]
+    media = media_modalities(guard, args.model)
 
     scores: dict[str, list[float]] = {}
     for label, (source, filters) in SETS.items():
-        prompts = [
-            p.prompt for p in spread(load_prompts(source, split=args.split, **filters), args.limit)
-        ]
+        prompts = split_prompts(source, args.split, args.limit, **filters)
         for modality in ("text", *([] if label == "borderline" else media)):
             convs = conversations(prompts, modality, renderer)
             row: list[float] = []
@@ -86,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             scores[f"{label} {modality}"] = row
 
     taus = sorted({float(t) for t in args.taus.split(",")} | {tau})
-    n = {k: len(v) for k, v in scores.items()}
     print(
         f"# Gate trade-off ({args.model}, policy {bundle.ref}, layer {bundle.layer}, "
         f"tau {tau:.3f}, {args.split} split)\n"
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, row in scores.items():
         q = [quantile(row, x) for x in (0.1, 0.5, 0.9, 1.0)]
         print(
-            f"| {key} | {n[key]} | {_pct(share_above(row, tau))} | "
+            f"| {key} | {len(row)} | {_pct(share_above(row, tau))} | "
             + " | ".join(f"{v:+.2f}" for v in q)
             + " |"
         )

@@ -68,6 +68,16 @@ def variants(bundle: PolicyBundle, poor: PolicyBundle | None) -> dict[str, Polic
     return rows
 
 
+def media_modalities(guard: Guardrail, model_name: str) -> list[str]:
+    """The media the benchmark renders for this model: the adapter's (the organism reads both)."""
+    return [m for m in ("image", "video") if m in guard.adapter.modalities or model_name == "organism"]
+
+
+def split_prompts(source: str, split: str, limit: int, **filters: Any) -> list[str]:
+    """``limit`` prompt texts of ``source``'s ``split``, evenly spaced over it."""
+    return [p.prompt for p in spread(load_prompts(source, split=split, **filters), limit)]
+
+
 def conversations(prompts: list[str], modality: str, renderer: Any) -> list[Any]:
     if modality == "text":
         return [[{"role": "user", "content": p}] for p in prompts]
@@ -102,10 +112,10 @@ def main() -> int:
     guard = Guardrail(model, processor)
     bundle = PolicyBundle.from_pretrained(args.policy, adapter=guard.adapter)
     renderer = default_renderer(args.model)
-    modalities = [m for m in ("image", "video") if m in guard.adapter.modalities or args.model == "organism"]
+    modalities = media_modalities(guard, args.model)
 
     def test_prompts(source: str, **filters: Any) -> list[str]:
-        return [p.prompt for p in spread(load_prompts(source, split="test", **filters), args.limit)]
+        return split_prompts(source, "test", args.limit, **filters)
 
     harmful = test_prompts("harmful")
     benign = test_prompts("harmless", exclude_category="near_miss")

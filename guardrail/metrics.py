@@ -69,5 +69,5 @@ def gate_for_recall(positives: Sequence[float], recall: float) -> float:
     data = sorted(positives, reverse=True)
     k = math.ceil(recall * len(data) - 1e-9)
     kth = data[k - 1]
-    lower = [v for v in data[k:] if v < kth]
-    return (kth + lower[0]) / 2 if lower else kth - 1.0
+    below = next((v for v in data[k:] if v < kth), None)
+    return (kth + below) / 2 if below is not None else kth - 1.0
