@@ -39,7 +39,7 @@ from pydantic import ValidationError
 import guardrail
 from guardrail.adapters import ModelAdapter
 from guardrail.datasets import Prompt, PromptSource, dataset_digest, load_prompts, spread
-from guardrail.errors import InputError
+from guardrail.errors import InputError, SteeringError
 from guardrail.messages import Conversation, parse_conversation
 from guardrail.metrics import auroc, quantile
 from guardrail.neutral import NeutralMedia, neutral_media
@@ -48,10 +48,14 @@ from guardrail.refusal import refusal_logodds, refusal_token_ids
 from guardrail.steering import (
     RECENTER_ACTIVATION,
     RECENTER_MODES,
+    Action,
+    StopForward,
     first_positions,
     last_positions,
+    layer_actions,
     mars_step,
     steering_hooks,
+    stop_forward,
     window_mean,
 )
 
@@ -126,10 +130,6 @@ class _Set:
 # --------------------------------------------------------------------------- collection
 
 
-class _StopForward(Exception):
-    pass
-
-
 def collect_windows(
     adapter: ModelAdapter,
     inputs: dict[str, Any],
@@ -146,33 +146,27 @@ def collect_windows(
     starts = first_positions(inputs["attention_mask"])
     rows = torch.arange(positions.shape[0], device=positions.device)
     captured: dict[tuple[int, int], torch.Tensor] = {}
-    last = max(layers)
-    handles = []
 
-    def make(index: int) -> Callable[..., None]:
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
+    def tap(index: int) -> Action:
+        def act(hidden: torch.Tensor | None) -> None:
+            if hidden is None:
+                raise SteeringError(f"layer {index} was called without hidden states")
             for k in windows:
                 captured[index, k] = window_mean(
                     hidden, rows, positions, k, starts, dtype=torch.float64
                 )
-            if index == last:
-                raise _StopForward
+            return None
 
-        return hook
+        return act
 
+    last = max(layers)
+    actions: dict[int, list[Action]] = {index: [tap(index)] for index in sorted(set(layers))}
+    actions[last].append(stop_forward)
     try:
-        for index in sorted(set(layers)):
-            handles.append(
-                adapter.layers[index].register_forward_pre_hook(make(index), with_kwargs=True)
-            )
-        with torch.no_grad():
+        with torch.no_grad(), layer_actions(adapter.layers, actions):
             adapter.model(**inputs, use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
-    finally:
-        for handle in handles:
-            handle.remove()
     return captured
 
 

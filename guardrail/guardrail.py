@@ -31,7 +31,14 @@ from guardrail.policy import PolicyBundle
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
 from guardrail.rollout import Rollout, RolloutConfig
 from guardrail.signing import TrustStore
-from guardrail.steering import LayerPlan, first_positions, last_positions, steering_hooks
+from guardrail.steering import (
+    LayerPlan,
+    first_positions,
+    install_dispatch,
+    last_positions,
+    run_until,
+    steering_hooks,
+)
 from guardrail.telemetry import Telemetry
 from guardrail.telemetry import model_name as _model_name
 
@@ -85,6 +92,9 @@ class GuardrailResult(BaseModel):
     rollout_arm: str | None = None
     shadow: list[ShadowScore] = Field(default_factory=list)
     token_ids: list[int] = Field(default_factory=list, repr=False)
+    texts: list[str] = Field(default_factory=list)
+    """Every returned sequence of this conversation, best first, when ``generate`` was
+    asked for several (``num_return_sequences > 1``); ``text`` is ``texts[0]``."""
 
     def decision(self) -> dict[str, Any]:
         """The guardrail's decision as a JSON-ready dict (no answer text): what the
@@ -189,6 +199,11 @@ class Guardrail:
         )
         self.trust_store = trust_store
         self.registry = registry
+        # Bundles that passed the verification gate (_admit), keyed by identity.
+        self._admitted: dict[tuple[int, int, int], PolicyBundle] = {}
+        # One permanent dispatcher hook per decoder layer, installed before any request
+        # runs; each request's hooks then live in its own context (guardrail.steering).
+        install_dispatch(self.adapter.layers)
         self.policy: PolicyBundle | None = self.load_policy(policy) if policy is not None else None
         self._rollout: Rollout | None = None
         if rollout is not None:
@@ -217,15 +232,42 @@ class Guardrail:
         return cls(model, processor, policy, **kwargs)
 
     def load_policy(self, policy: PolicyBundle | str | os.PathLike[str]) -> PolicyBundle:
-        """Load (if a path) and check a policy: signature (under a trust store), model fit."""
-        from guardrail.signing import load_verified, verify_bundle
+        """Load (if a path) and check a policy: integrity, signature (under a trust
+        store), model fit."""
+        from guardrail.signing import load_verified
 
         if isinstance(policy, PolicyBundle):
-            if self.trust_store is not None:
-                verify_bundle(policy, self.trust_store)
-            policy.check_compatible(self.adapter)
-            return policy
-        return load_verified(policy, self.trust_store, self.adapter)
+            return self._admit(policy)
+        return self._admit(load_verified(policy, self.trust_store, self.adapter))
+
+    def _admit(self, bundle: PolicyBundle) -> PolicyBundle:
+        """The one verification gate every bundle passes before it can steer or score.
+
+        Constructor, per-call ``policy=``, :meth:`load_policy`, :meth:`set_rollout`,
+        rollouts built elsewhere and registry resolution all come through here:
+        integrity (manifest digest and tensor hashes of a sealed bundle), the
+        signature when a trust store is set, and the fit to this model. A bundle is
+        checked once per identity; later calls cost a dictionary lookup.
+        """
+        from guardrail.signing import verify_bundle
+
+        if not isinstance(bundle, PolicyBundle):
+            raise InputError(
+                f"policy must be a PolicyBundle (or a bundle path for load_policy), got "
+                f"{type(bundle).__name__}; load one with PolicyBundle.from_pretrained(DIR)"
+            )
+        key = (id(bundle), id(bundle.manifest), id(bundle.tensors))
+        if self._admitted.get(key) is bundle:
+            return bundle
+        bundle.verify_integrity()
+        if self.trust_store is not None:
+            verify_bundle(bundle, self.trust_store)
+        bundle.check_compatible(self.adapter)
+        with self._lock:
+            if len(self._admitted) > 256:
+                self._admitted.clear()
+            self._admitted[key] = bundle
+        return bundle
 
     @property
     def rollout(self) -> Rollout | None:
@@ -243,7 +285,15 @@ class Guardrail:
         reload. For switching arms of the same rollout (promote, rollback, kill
         switch, share) use the :class:`~guardrail.rollout.Rollout` methods.
         """
-        if rollout is None or isinstance(rollout, Rollout):
+        if rollout is None:
+            self._rollout = None
+            return None
+        if isinstance(rollout, Rollout):
+            # Built elsewhere, perhaps without this guardrail's trust store or model:
+            # every bundle it can serve passes this guardrail's gate before the swap.
+            for bundle in (rollout.stable, rollout.canary, *rollout.shadows):
+                if bundle is not None:
+                    self._admit(bundle)
             self._rollout = rollout
             return rollout
         if isinstance(rollout, (str, os.PathLike)):
@@ -254,6 +304,9 @@ class Guardrail:
             built = Rollout(
                 rollout, self.registry, trust_store=self.trust_store, adapter=self.adapter
             )
+        for bundle in (built.stable, built.canary, *built.shadows):
+            if bundle is not None:
+                self._admit(bundle)
         self._rollout = built
         return built
 
@@ -379,11 +432,13 @@ class Guardrail:
         policy = policy or self.policy
         if policy is None:
             raise GuardrailError("score() needs a policy; pass policy= or configure one")
+        policy = self._admit(policy)
+        if not batch:
+            raise InputError("no conversations given; pass one conversation or a non-empty list")
         convs = [parse_conversation(m, limits=self.limits) for m in batch]
         inputs = self.adapter.build_inputs(convs)
         plans = self._plans([policy] * len(convs), convs, inputs["attention_mask"], apply=False)
-        with torch.no_grad(), steering_hooks(self.adapter.layers, plans):
-            _run_until(self.model, self.adapter.layers, max(p.layer for p in plans), inputs)
+        run_until(self.model, self.adapter.layers, max(p.layer for p in plans), inputs, plans)
         scores = _row_values(plans, len(convs), "score")
         return scores[0] if single else scores
 
@@ -427,7 +482,7 @@ class Guardrail:
     ) -> list[_Route]:
         """Resolve, once per request, which bundle serves each row."""
         if policy is not None:
-            return [_Route(policy)] * n
+            return [_Route(self._admit(policy))] * n
         rollout = self._rollout  # one snapshot for the whole call
         if rollout is None:
             return [_Route(self.policy)] * n
@@ -442,7 +497,10 @@ class Guardrail:
         routes = []
         for k in keys:
             a = rollout.resolve(k)
-            routes.append(_Route(a.policy, a.arm, tuple(a.shadows)))
+            # The rollout may have been updated since set_rollout (update(), promote());
+            # whatever it serves passes the gate (a cached lookup once admitted).
+            chosen = self._admit(a.policy) if a.policy is not None else None
+            routes.append(_Route(chosen, a.arm, tuple(self._admit(b) for b in a.shadows)))
         return routes
 
     def _generate(
@@ -460,6 +518,7 @@ class Guardrail:
         inputs = self.adapter.build_inputs(convs)
         mask = inputs["attention_mask"]
         kwargs = self._generate_kwargs(generate_kwargs, cancel)
+        expand, per_conv = self._expansion(kwargs)
         n = len(convs)
         # Rows whose policy cannot be applied are handled by the on_error policy.
         policies = [r.policy if mode != "off" else None for r in routes]
@@ -476,14 +535,23 @@ class Guardrail:
         shadow_plans, shadow_of = self._shadow_plans(routes, convs, mask, mode)
         late = [p for p in shadow_plans if any(a.layer < p.layer for a in plans if a.apply)]
         if late:  # score these shadows on an unsteered prefill of their own
-            with torch.no_grad(), steering_hooks(self.adapter.layers, late):
-                _run_until(self.model, self.adapter.layers, max(p.layer for p in late), inputs)
-        hooks = [p for p in shadow_plans if p not in late] + plans  # shadows see unsteered states
+            run_until(self.model, self.adapter.layers, max(p.layer for p in late), inputs, late)
+        late_ids = {id(p) for p in late}
+        # Shadows see unsteered states: their hooks run before the steering plans.
+        hooks = [p for p in shadow_plans if id(p) not in late_ids] + plans
+        for plan in hooks:
+            plan.expand = expand
         try:
             with torch.no_grad(), steering_hooks(self.adapter.layers, hooks):
                 output = self.model.generate(**inputs, **kwargs)
             if hooks and not all(p.fired for p in hooks):
                 raise SteeringError("the steering hook did not fire during the prefill pass")
+            returned = (output if isinstance(output, torch.Tensor) else output.sequences).shape[0]
+            if returned != n * per_conv:
+                raise SteeringError(
+                    f"generate returned {returned} sequences for {n} conversations x "
+                    f"{per_conv} return sequences; results cannot be matched to conversations"
+                )
         except SteeringError as exc:
             if self._policy_failure(exc, mode):
                 return [
@@ -497,7 +565,7 @@ class Guardrail:
                 output = self.model.generate(**inputs, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         results = self._results(
-            convs, inputs, sequences, plans, policies, routes, mode, errors, started
+            convs, inputs, sequences, plans, policies, routes, mode, errors, started, per_conv
         )
         for bundle, built in shadow_of:
             rows = {int(r) for plan in built for r in plan.rows.tolist()}
@@ -575,6 +643,12 @@ class Guardrail:
             out["pad_token_id"] = tokenizer.pad_token_id
         if out.get("return_dict_in_generate"):
             raise InputError("return_dict_in_generate is managed by the guardrail; leave it unset")
+        for name in _UNSUPPORTED_GENERATE:
+            if out.get(name) is not None:
+                raise InputError(
+                    f"{name} is not supported: assisted and prompt-lookup decoding do not "
+                    "prefill the whole prompt in one pass, so t* cannot be steered; remove it"
+                )
         if cancel is not None:
             from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -593,6 +667,26 @@ class Guardrail:
             criteria.append(_Cancel())
             out["stopping_criteria"] = criteria
         return out
+
+    def _expansion(self, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+        """How many copies of each conversation ``generate`` runs, and how many sequences
+        it returns per conversation: ``(max(num_beams, num_return_sequences),
+        num_return_sequences)``, from the call's kwargs over its ``generation_config``
+        over the model's (the order transformers applies them in)."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+
+        def setting(name: str) -> int:
+            value = kwargs.get(name)
+            if value is None and config is not None:
+                value = getattr(config, name, None)
+            if value is None:
+                return 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {type(value).__name__}")
+            return value
+
+        beams, sequences = setting("num_beams"), setting("num_return_sequences")
+        return max(beams, sequences), sequences
 
     def _plans(
         self,
@@ -615,7 +709,11 @@ class Guardrail:
         mode: str,
         errors: Sequence[str | None],
         started: float,
+        per_conv: int = 1,
     ) -> list[GuardrailResult]:
+        """One result per conversation. ``generate`` returns ``per_conv`` sequences per
+        conversation, consecutively (``num_return_sequences``); the first is the result's
+        ``text``, and all of them are in ``texts`` when there are several."""
         prompt_len = int(inputs["input_ids"].shape[1])
         new = sequences[:, prompt_len:].cpu()
         scores = _row_values(plans, len(convs), "score")
@@ -627,12 +725,17 @@ class Guardrail:
         pad = getattr(tokenizer, "pad_token_id", None)
         latency = time.perf_counter() - started
         results = []
-        for row, conv in enumerate(convs):
-            ids = new[row].tolist()
+
+        def decoded(index: int) -> tuple[list[int], str, str]:
+            ids = new[index].tolist()
             cut = next((k for k, tok in enumerate(ids) if tok in eos), None)
             finish = "stop" if cut is not None else "length"
             ids = ids[:cut] if cut is not None else [t for t in ids if t != pad or pad in eos]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            return ids, tokenizer.decode(ids, skip_special_tokens=True), finish
+
+        for row, conv in enumerate(convs):
+            outputs = [decoded(row * per_conv + j) for j in range(per_conv)]
+            ids, text, finish = outputs[0]
             strength = strengths[row] or 0.0
             policy = policies[row]
             route = routes[row]
@@ -658,6 +761,7 @@ class Guardrail:
                     would_intervene=(would[row] or 0.0) > 0,
                     rollout_arm=route.arm,
                     token_ids=ids,
+                    texts=[t for _, t, _ in outputs] if per_conv > 1 else [],
                 )
             )
         return results
@@ -689,6 +793,7 @@ class Guardrail:
 
 
 _BLOCKED = "blocked: "
+_UNSUPPORTED_GENERATE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
 def _inapplicable(policy: PolicyBundle | None, conv: Conversation) -> str | None:
@@ -787,6 +892,7 @@ def build_plans(
                 score_positions=params.score_positions,
                 starts=starts[rows],
                 apply=apply,
+                batch_size=len(policies),
             )
         )
     return plans
@@ -818,23 +924,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _run_until(model: Any, layers: Any, last_layer: int, inputs: dict[str, Any]) -> None:
-    """Run a forward pass and stop it once ``layers[last_layer]`` has been entered."""
-
-    def stop(module: Any, args: Any, kwargs: Any) -> None:
-        raise _StopForward
-
-    # Registered after the steering hooks, so they run first on that layer.
-    handle = layers[last_layer].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(**inputs, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()

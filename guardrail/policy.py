@@ -54,6 +54,8 @@ REQUIRED_TENSORS = ("u", "mu_S", "mu_H", "p_S", "g")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:[-+.][0-9A-Za-z.+-]+)?$")
 PROBE_RTOL = 2e-2
+MAX_KAPPA = 64.0
+"""Upper bound of the trust-region radius ``kappa`` (in cluster gaps ``g``)."""
 
 
 class ModelFingerprint(BaseModel):
@@ -87,7 +89,16 @@ class SteeringParameters(BaseModel):
 
     tau: float = Field(0.5, description="gate: no steering below this score")
     lam: float = Field(1.0, ge=0, description="strength per unit of score above the gate")
-    kappa: float = Field(1.0, ge=0, description="trust region radius in units of the gap g")
+    kappa: float = Field(
+        1.0,
+        ge=0,
+        le=MAX_KAPPA,
+        description=(
+            "trust region radius in units of the gap g; at most MAX_KAPPA gaps, since a "
+            "larger move takes the residual stream out of the model's range (garbled or "
+            "empty text instead of a refusal)"
+        ),
+    )
     eta: float | None = Field(None, gt=0, description="optional bound a <= eta * |h|")
     recenter: Literal["full", "projection", "none"] = "full"
     apply_recentering_to_activation: bool | Literal["steered"] = Field(
@@ -311,6 +322,34 @@ class PolicyBundle:
             {**self.manifest.model_dump(), "version": version, "digest": None, **updates}
         )
         return PolicyBundle(manifest, self.tensors)
+
+    def verify_integrity(self) -> None:
+        """Check that a sealed bundle (one with a manifest digest, e.g. loaded from disk
+        or saved) is still what its manifest says: the digest matches the manifest's
+        content and the tensors hash to the manifest's ``files`` entry. An unsealed
+        bundle (built in memory and never saved) has nothing to check beyond the value
+        checks done when it was built.
+
+        Raises:
+            PolicyIntegrityError: the manifest or the tensors changed after sealing.
+        """
+        manifest = self.manifest
+        if manifest.digest is None:
+            return
+        if manifest.digest != manifest.content_digest():
+            raise PolicyIntegrityError(
+                f"policy {self.ref}: the manifest digest does not match its content; the "
+                "manifest was changed after the bundle was sealed. Derive changes with "
+                "with_parameters() / with_version() instead of editing the manifest"
+            )
+        expected = manifest.files.get(TENSORS)
+        blob = save_safetensors(dict(self.tensors), metadata={"format": "pt"})
+        if expected is not None and _sha256(blob) != expected:
+            raise PolicyIntegrityError(
+                f"policy {self.ref}: the tensors do not match the manifest's hash; they were "
+                "changed after the bundle was sealed. Reload the bundle from its directory"
+            )
+        _validate_tensors(manifest, self.tensors)
 
     # ------------------------------------------------------------- compatibility
 
