@@ -359,6 +359,28 @@ class Guardrail:
         Abandoning the iterator (``close()``, ``break``, garbage collection) stops
         generation and removes the hooks.
         """
+        return self._stream(
+            messages,
+            cancel=threading.Event(),
+            mode=mode,
+            policy=policy,
+            key=key,
+            sinks=sinks,
+            **generate_kwargs,
+        )
+
+    def _stream(
+        self,
+        messages: Any,
+        *,
+        cancel: threading.Event,
+        mode: Mode | None = None,
+        policy: PolicyBundle | None = None,
+        key: str | None = None,
+        sinks: Sequence[EventSink] | None = None,
+        **generate_kwargs: Any,
+    ) -> Generator[str | GuardrailResult, None, None]:
+        """:meth:`stream` with a cancel event the caller can set from any thread."""
         from transformers import TextIteratorStreamer
 
         if not is_single_conversation(messages):
@@ -367,7 +389,6 @@ class Guardrail:
         streamer = TextIteratorStreamer(
             tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None
         )
-        cancel = threading.Event()
         box: dict[str, Any] = {}
 
         def work() -> None:
@@ -408,8 +429,14 @@ class Guardrail:
             thread.join()
 
     async def astream(self, messages: Any, **kwargs: Any) -> AsyncIterator[str | GuardrailResult]:
-        """Async twin of :meth:`stream`."""
-        iterator = self.stream(messages, **kwargs)
+        """Async twin of :meth:`stream`.
+
+        Cancelling the consuming task (or closing the iterator) stops generation: the
+        cancel event is set at once, and the iterator is closed as soon as the chunk
+        being fetched in a worker thread has arrived.
+        """
+        cancel = threading.Event()
+        iterator = self._stream(messages, cancel=cancel, **kwargs)
         sentinel = object()
         try:
             while True:
@@ -418,7 +445,8 @@ class Guardrail:
                     return
                 yield item  # type: ignore[misc]
         finally:
-            await asyncio.to_thread(iterator.close)
+            cancel.set()
+            await asyncio.to_thread(_close_when_idle, iterator)
 
     # ------------------------------------------------------------------ scoring
 
@@ -793,6 +821,20 @@ class Guardrail:
 
 
 _BLOCKED = "blocked: "
+
+
+def _close_when_idle(iterator: Generator[Any, None, None], wait_s: float = 60.0) -> None:
+    """Close a generator that another thread may still be advancing (a cancelled
+    ``astream`` leaves its last ``next`` running in a worker thread)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            iterator.close()
+            return
+        except ValueError:  # "generator already executing": that next() ends soon
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 _UNSUPPORTED_GENERATE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
