@@ -835,6 +835,8 @@ def _close_when_idle(iterator: Generator[Any, None, None], wait_s: float = 60.0)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
 _UNSUPPORTED_GENERATE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
