@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # Bound after the submodule import so that ``guardrail.calibrate`` is the function.
 from guardrail.calibrate import CalibrationTargets, calibrate  # noqa: E402, I001
 from guardrail.errors import (  # noqa: E402
+    BundleNotFoundError,
     GuardrailError,
     InputError,
     PolicyCompatibilityError,
@@ -28,6 +29,7 @@ from guardrail.guardrail import Guardrail, GuardrailResult  # noqa: E402
 from guardrail.policy import PolicyBundle, SteeringParameters  # noqa: E402
 
 __all__ = [
+    "BundleNotFoundError",
     "CalibrationTargets",
     "Guardrail",
     "GuardrailError",

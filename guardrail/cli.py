@@ -1,7 +1,8 @@
 """The ``guardrail`` command line.
 
-Exit codes: 0 success; 1 a guardrail error (bad input, model, generation);
-2 usage error; 3 a policy bundle failed verification (integrity or signature);
+Exit codes: 0 success; 1 a guardrail error (bad input, a missing or unreadable
+file, model, generation); 2 usage error (bad arguments, no traceback);
+3 a policy bundle failed verification (integrity or signature);
 4 a policy bundle does not fit the model; 5 ``guardrail rollout report`` flagged a
 canary whose intervention or refusal rate differs from stable beyond the tolerance.
 """
@@ -23,6 +24,34 @@ RECENTER_ACTIVATION_CHOICES: dict[str, bool | str] = {
     "steered": "steered",
     "always": True,
 }
+
+
+def _csv(kind: type[Any], what: str) -> Any:
+    """An argparse type: a comma-separated list of ``kind`` (a usage error otherwise)."""
+
+    def parse(text: str) -> list[Any]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            values = [kind(item) for item in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, e.g. {'1,2,4' if kind is float else '8,12'}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {what[:-1]}")
+        return values
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer")
+    return value
 
 
 def _print_json(data: Any) -> None:
@@ -53,8 +82,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         recenter=args.recenter,
         apply_recentering_to_activation=RECENTER_ACTIVATION_CHOICES[args.recenter_activation],
         score_positions=args.score_positions,
-        lam_grid=tuple(float(x) for x in args.lam_grid.split(",")),
-        kappa_grid=tuple(float(x) for x in args.kappa_grid.split(",")),
+        lam_grid=tuple(args.lam_grid),
+        kappa_grid=tuple(args.kappa_grid),
     )
     media = NeutralMedia(
         seed=args.seed,
@@ -67,7 +96,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         args.harmful,
         args.harmless,
         modalities=args.modalities.split(",") if args.modalities else None,
-        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+        layers=args.layers,
         targets=targets,
         name=args.name,
         version=args.version,
@@ -102,9 +131,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from guardrail.guardrail import Guardrail
+    from guardrail.policy import PolicyBundle
 
+    # The bundle is read and integrity-checked before the (slow) model load.
+    bundle = PolicyBundle.from_pretrained(args.policy) if args.policy else None
     model, processor = _load(args)
-    guard = Guardrail(model, processor, args.policy, mode=args.mode)
+    guard = Guardrail(model, processor, bundle, mode=args.mode)
     content: list[dict[str, Any]] = [{"type": "image", "image": path} for path in args.image]
     content += [{"type": "video", "video": path} for path in args.video]
     content.append({"type": "text", "text": args.prompt})
@@ -326,10 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--report", help="write the HTML calibration report here")
     p.add_argument("--modalities", help="comma-separated, default: all the model supports")
-    p.add_argument("--layers", help="comma-separated candidate layers (default: 20-80 %% of depth)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--layers",
+        type=_csv(int, "layer indices"),
+        help="comma-separated candidate layers (default: 20-80 %% of depth)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-validation", type=int, default=64)
+    p.add_argument("--max-validation", type=_positive_int, default=64)
     p.add_argument(
         "--trigger-rate", type=float, default=0.02, help="target benign gate trigger rate"
     )
@@ -350,8 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="score the mean of the last k prompt positions (default 1: t* alone)",
     )
-    p.add_argument("--lam-grid", default="1,2,4", help="comma-separated lam values to grid")
-    p.add_argument("--kappa-grid", default="0.5,1,1.5", help="comma-separated kappa values to grid")
+    p.add_argument(
+        "--lam-grid",
+        type=_csv(float, "numbers"),
+        default=[1.0, 2.0, 4.0],
+        help="comma-separated lam values to grid",
+    )
+    p.add_argument(
+        "--kappa-grid",
+        type=_csv(float, "numbers"),
+        default=[0.5, 1.0, 1.5],
+        help="comma-separated kappa values to grid",
+    )
     p.add_argument(
         "--image-size", type=int, default=224, help="side of the neutral calibration images"
     )
@@ -371,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--video", action="append", default=[], help="directory of frames or animated GIF"
     )
     p.add_argument("--mode", choices=["enforce", "shadow", "off"], default="enforce")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -443,23 +489,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code of an error (see the module docstring)."""
+    if isinstance(exc, PolicyCompatibilityError):
+        return EXIT_COMPATIBILITY
+    if isinstance(exc, PolicyIntegrityError):
+        return EXIT_INTEGRITY
+    return EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except PolicyCompatibilityError as exc:
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
+        _silence_stdout()
+        return EXIT_OK
+    except (GuardrailError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_COMPATIBILITY
-    except PolicyIntegrityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INTEGRITY
-    except GuardrailError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

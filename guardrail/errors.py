@@ -24,6 +24,10 @@ class PolicyIntegrityError(PolicyError):
     """A bundle is corrupt, tampered with, incomplete or holds invalid values."""
 
 
+class BundleNotFoundError(PolicyError, FileNotFoundError):
+    """A policy bundle path does not exist or is not a directory (nothing was verified)."""
+
+
 class PolicyCompatibilityError(PolicyError):
     """A bundle was calibrated for a different model than the one it is attached to."""
 

@@ -41,7 +41,12 @@ from pydantic import (
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from guardrail.errors import InputError, PolicyCompatibilityError, PolicyIntegrityError
+from guardrail.errors import (
+    BundleNotFoundError,
+    InputError,
+    PolicyCompatibilityError,
+    PolicyIntegrityError,
+)
 
 if TYPE_CHECKING:
     from guardrail.adapters import ModelAdapter
@@ -428,7 +433,7 @@ class PolicyBundle:
         """Load and verify a bundle; with a model (or adapter), check compatibility."""
         path = Path(directory)
         if not path.is_dir():
-            raise PolicyIntegrityError(
+            raise BundleNotFoundError(
                 f"policy bundle {str(path)!r} is not a directory; pass the directory holding "
                 f"{MANIFEST} and {TENSORS}"
             )

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import guardrail.policy as policy_mod
-from guardrail.errors import PolicyCompatibilityError, PolicyIntegrityError
+from guardrail.errors import BundleNotFoundError, PolicyCompatibilityError, PolicyIntegrityError
 from guardrail.policy import MANIFEST, TENSORS, PolicyBundle, _sha256
 
 from .conftest import random_policy, tiny
@@ -73,7 +73,7 @@ def test_nan_values_rejected_even_with_matching_hash(tmp_path, bundle):
 
 
 def test_missing_file_and_not_a_directory(tmp_path, bundle):
-    with pytest.raises(PolicyIntegrityError, match="not a directory"):
+    with pytest.raises(BundleNotFoundError, match="not a directory"):
         PolicyBundle.from_pretrained(tmp_path / "nothing")
     path = bundle.save_pretrained(tmp_path / "p")
     (path / TENSORS).unlink()
