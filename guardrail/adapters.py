@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,39 @@ register_adapter(
 )
 
 
+# Inserted after the first character of a control string found in caller text, so
+# that the tokenizer cannot match it as a special token (nor the processor as a media
+# placeholder): "<|im_start|>" becomes "<\u200b|im_start|>", ordinary text tokens.
+INERT_MARK = "\u200b"  # ZERO WIDTH SPACE
+
+
+def control_strings(processor: Any, tokenizer: Any) -> frozenset[str]:
+    """The strings that caller text must not contain verbatim: the tokenizer's special
+    tokens, its added tokens that look like markup (``<...>``), and the processor's
+    media placeholders (``image_token``, ``video_token``, ``boi_token``, ...).
+
+    Strings shorter than two characters, or holding :data:`INERT_MARK`, cannot be
+    split by it and are left out.
+    """
+    found: set[str] = set()
+    found.update(str(t) for t in getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for token in added.values():
+        content = str(getattr(token, "content", token))
+        if getattr(token, "special", False) or (content.startswith("<") and content.endswith(">")):
+            found.add(content)
+    for obj in (processor, tokenizer):
+        for name, value in vars(obj).items() if hasattr(obj, "__dict__") else ():
+            if name.endswith("_token") and isinstance(value, str):
+                found.add(value)
+    return frozenset(s for s in found if len(s) >= 2 and INERT_MARK not in s and s.strip())
+
+
+def _control_pattern(strings: Iterable[str]) -> re.Pattern[str] | None:
+    ordered = sorted(strings, key=lambda s: (-len(s), s))  # longest first
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+
 def _resolve(root: Any, path: str) -> Any:
     obj = root
     for name in path.split("."):
@@ -161,6 +195,7 @@ class ModelAdapter:
         has_image_processor = getattr(processor, "image_processor", None) is not None
         self.modalities = spec.modalities if has_image_processor else frozenset()
         self.model_type = model_type or "unknown"
+        self._control = _control_pattern(control_strings(processor, self.tokenizer))
 
     def _find_layers(self) -> torch.nn.ModuleList:
         for path in self.spec.layer_paths:
@@ -188,12 +223,45 @@ class ModelAdapter:
                 "that supports them"
             )
 
+    def neutralise(self, text: str) -> str:
+        """``text`` with every special-token string and media placeholder made inert.
+
+        :data:`INERT_MARK` is inserted after the first character of each occurrence,
+        so text typed by a caller (``<|im_start|>``, ``<|eot_id|>``, ``<image>``, ...)
+        is tokenized as ordinary text: it can neither open or close a turn nor claim
+        media slots. Repeated until nothing matches (a string may overlap another).
+        """
+        pattern = self._control
+        if pattern is None:
+            return text
+        while pattern.search(text):
+            text = pattern.sub(lambda m: m[0][0] + INERT_MARK + m[0][1:], text)
+        return text
+
+    def inert_messages(self, conv: Conversation) -> list[dict[str, Any]]:
+        """``conv.messages`` with the text of every part passed through :meth:`neutralise`."""
+        return [
+            {
+                "role": m["role"],
+                "content": [
+                    {**p, "text": self.neutralise(p["text"])} if p["type"] == "text" else p
+                    for p in m["content"]
+                ],
+            }
+            for m in conv.messages
+        ]
+
     def render(self, conv: Conversation) -> str:
-        """The chat-templated prompt text, ending with the generation prompt."""
+        """The chat-templated prompt text, ending with the generation prompt.
+
+        Caller text is made inert first (:meth:`neutralise`): only the chat template
+        produces turn markers and media placeholders.
+        """
+        inert = self.inert_messages(conv)
         if not self.modalities:
             messages: list[dict[str, Any]] = [
                 {"role": m["role"], "content": "\n".join(p["text"] for p in m["content"])}
-                for m in conv.messages
+                for m in inert
             ]
         elif self.spec.video_as_frames and conv.videos:
             frames = iter(len(v) for v in conv.videos)
@@ -208,10 +276,10 @@ class ModelAdapter:
                         )
                     ],
                 }
-                for m in conv.messages
+                for m in inert
             ]
         else:
-            messages = conv.messages
+            messages = inert
         try:
             text = self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
