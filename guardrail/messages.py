@@ -127,6 +127,12 @@ def is_single_conversation(obj: Any) -> bool:
     return isinstance(obj, Sequence) and (len(obj) == 0 or isinstance(obj[0], Mapping))
 
 
+def as_single_conversation(obj: Any) -> Any:
+    """A single message dict wrapped in a list (a one-message conversation); anything
+    else unchanged. For code that walks raw conversations (events, telemetry)."""
+    return [obj] if _is_message(obj) else obj
+
+
 # ----------------------------------------------------------------------------- budget
 
 
@@ -175,8 +181,7 @@ def parse_conversation(messages: Any, *, limits: InputLimits | None = None) -> C
     limits = limits or InputLimits()
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    elif _is_message(messages):
-        messages = [messages]
+    messages = as_single_conversation(messages)
     if not isinstance(messages, Sequence) or isinstance(messages, (bytes, bytearray)):
         raise InputError(
             f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "

@@ -24,6 +24,7 @@ from guardrail.errors import InputError
 from guardrail.guardrail import Guardrail, GuardrailResult
 from guardrail.messages import (
     InputLimits,
+    as_single_conversation,
     is_single_conversation,
     load_image,
     load_video,
@@ -208,6 +209,9 @@ def test_a_single_message_dict_is_one_conversation():
     # a list of conversations is still a batch, a list of messages one conversation
     assert not is_single_conversation([[message], [message]])
     assert is_single_conversation([message])
+    # for code walking raw conversations (events, telemetry), the dict is wrapped
+    assert as_single_conversation(message) == [message]
+    assert as_single_conversation([message]) == [message] and as_single_conversation("x") == "x"
 
 
 # ----------------------------------------------------------------------------- 4. control tokens
