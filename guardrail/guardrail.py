@@ -26,7 +26,13 @@ from pydantic import BaseModel, Field
 from guardrail.adapters import ModelAdapter
 from guardrail.errors import GuardrailError, InputError, SteeringError
 from guardrail.events import EventDispatcher, EventSink, build_events, prompt_text
-from guardrail.messages import Conversation, InputLimits, is_single_conversation, parse_conversation
+from guardrail.messages import (
+    Conversation,
+    InputLimits,
+    as_single_conversation,
+    is_single_conversation,
+    parse_conversation,
+)
 from guardrail.policy import PolicyBundle
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
 from guardrail.rollout import Rollout, RolloutConfig
@@ -332,7 +338,7 @@ class Guardrail:
         ``sinks`` receive this call's events in addition to the guardrail's own.
         """
         single = is_single_conversation(messages)
-        batch = [messages] if single else list(messages)
+        batch = [as_single_conversation(messages)] if single else list(messages)
         if not batch:
             raise InputError("no conversations given; pass one conversation or a non-empty list")
         results = self._run(
@@ -385,6 +391,7 @@ class Guardrail:
 
         if not is_single_conversation(messages):
             raise InputError("stream() takes one conversation; call it once per conversation")
+        messages = as_single_conversation(messages)
         tokenizer = self.adapter.tokenizer
         streamer = TextIteratorStreamer(
             tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None
@@ -456,7 +463,7 @@ class Guardrail:
         Runs the prefill up to the policy's layer only.
         """
         single = is_single_conversation(messages)
-        batch = [messages] if single else list(messages)
+        batch = [as_single_conversation(messages)] if single else list(messages)
         policy = policy or self.policy
         if policy is None:
             raise GuardrailError("score() needs a policy; pass policy= or configure one")

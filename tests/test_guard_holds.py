@@ -381,3 +381,25 @@ def test_hooks_of_one_context_are_invisible_to_another(llama):
         release.set()
         thread.join()
     torch.testing.assert_close(outputs["other"], plain)
+
+
+def test_a_single_message_dict_is_one_conversation_everywhere(llama):
+    from guardrail.events import CallbackSink
+
+    model, tok, _ = llama
+    events = []
+    guard = Guardrail(
+        model,
+        tok,
+        strong_policy(model, tok),
+        sinks=[CallbackSink(events.append)],
+        capture_content=True,
+        max_new_tokens=3,
+    )
+    message = {"role": "user", "content": "Tell me about the weather on Mars today."}
+    result = guard.generate(message)
+    assert result.token_ids == guard.generate([message]).token_ids
+    assert events and events[0].prompt == message["content"]
+    *_, streamed = guard.stream(message)
+    assert streamed.token_ids == result.token_ids
+    assert guard.score(message) == pytest.approx(result.score, abs=1e-5)
