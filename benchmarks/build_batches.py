@@ -3,12 +3,12 @@
 For each LoRA stage of the organism build, the same random batches of that stage's
 training data go through forward and backward twice, alternately: padded to the
 longest row (one pass) and as micro-batches of similar length
-(``guardrail.organism.build.accumulate_batch``, the way the build computes them).
+(``organism.build.accumulate_batch``, the way the build computes them).
 Prints seconds per step for both, their ratio and the share of real tokens.
 
     python benchmarks/build_batches.py [--stages safety,frames,visual] [--batches 12]
 
-Needs the distilled answers of a build (``scripts/build_organism.py`` caches them in
+Needs the distilled answers of a build (``organism/build_organism.py`` caches them in
 ``<cache_root>/organism-build``; computed here on first use, about 6 minutes).
 """
 
@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from guardrail.organism import build, lora  # noqa: E402
-from guardrail.organism.model import (  # noqa: E402
+from guardrail.models.organism.model import (  # noqa: E402
     LORA_STAGES,
     base_model,
     language_layers,
     reading_vocab,
 )
+from organism import build, lora  # noqa: E402
 
 
 def _step(model: Any, items: list[dict[str, Any]], pad: int, overhead: float) -> float:

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.paper_claims import conversations, media_modalities, split_prompts  # noqa: E402
 from guardrail import Guardrail, PolicyBundle  # noqa: E402
-from guardrail.evaluate import default_renderer  # noqa: E402
-from guardrail.loading import load_model  # noqa: E402
-from guardrail.metrics import auroc, gate_for_recall, quantile, share_above  # noqa: E402
+from guardrail.calibration.metrics import auroc, gate_for_recall, quantile, share_above  # noqa: E402
+from guardrail.evaluation.evaluate import default_renderer  # noqa: E402
+from guardrail.models.loading import load_model  # noqa: E402
 
 SETS = {
     "harmful": ("harmful", {}),

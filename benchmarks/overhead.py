@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from guardrail import Guardrail, PolicyBundle  # noqa: E402
 from guardrail.adapters import ModelAdapter  # noqa: E402
-from guardrail.calibrate import accumulate_means, candidate_layers  # noqa: E402
+from guardrail.calibration.calibrate import accumulate_means, candidate_layers  # noqa: E402
 from guardrail.datasets import load_prompts  # noqa: E402
-from guardrail.loading import load_model  # noqa: E402
 from guardrail.messages import parse_conversation  # noqa: E402
+from guardrail.models.loading import load_model  # noqa: E402
 from guardrail.steering import last_positions  # noqa: E402
 
 TARGETS = {
@@ -299,8 +299,8 @@ def peak_rss(model: str, n: int) -> int:
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
         from guardrail.adapters import ModelAdapter
-        from guardrail.calibrate import accumulate_means, candidate_layers
-        from guardrail.loading import load_model
+        from guardrail.calibration.calibrate import accumulate_means, candidate_layers
+        from guardrail.models.loading import load_model
         from guardrail.messages import parse_conversation
         model, processor = load_model({model!r})
         adapter = ModelAdapter(model, processor)
@@ -353,7 +353,7 @@ def main() -> None:
         bundle = PolicyBundle.from_pretrained(args.policy, adapter=adapter)
         bundle_dir = Path(args.policy)
     else:
-        from guardrail.tiny import random_policy
+        from guardrail.testing import random_policy
 
         bundle = random_policy(model, processor, layer=adapter.num_layers // 2, name="bench",
                                modalities=tuple(sorted(adapter.modalities)))
@@ -361,11 +361,11 @@ def main() -> None:
     guard = Guardrail(model, processor, bundle)
     renderer = None
     if "image" in adapter.modalities:
-        from guardrail.evaluate import default_renderer
+        from guardrail.evaluation.evaluate import default_renderer
 
         renderer = default_renderer(args.model)
         if args.model.startswith("tiny-"):
-            from guardrail.typography import TypographicRenderer
+            from guardrail.calibration.typography import TypographicRenderer
 
             renderer = TypographicRenderer(size=(64, 64), font_size=10)
     convs = conversations(max(args.prompts, 8), renderer)

@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from guardrail import Guardrail, PolicyBundle, calibrate  # noqa: E402
-from guardrail.calibrate import CalibrationTargets  # noqa: E402
+from guardrail.calibration.calibrate import CalibrationTargets  # noqa: E402
+from guardrail.calibration.report import _png, histogram_plot, sweep_plot  # noqa: E402
 from guardrail.datasets import load_prompts, spread  # noqa: E402
-from guardrail.evaluate import RefusalJudge, default_renderer  # noqa: E402
-from guardrail.loading import load_model  # noqa: E402
-from guardrail.report import _png, histogram_plot, sweep_plot  # noqa: E402
+from guardrail.evaluation.evaluate import RefusalJudge, default_renderer  # noqa: E402
+from guardrail.models.loading import load_model  # noqa: E402
 
 FIXED = dict(tau=-1e6, lam=1e6)  # gate always open, strength = kappa * g
 

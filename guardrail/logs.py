@@ -2,7 +2,7 @@
 
 ``guardrail`` never configures structlog: what the application configured (or
 structlog's defaults) decides where these records go and how they look. Pass your
-own bound logger to :class:`~guardrail.events.StructlogSink` to route events
+own bound logger to :class:`~guardrail.observability.events.StructlogSink` to route events
 elsewhere.
 """
 

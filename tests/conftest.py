@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from guardrail.tiny import random_policy as _tiny_random_policy
+from guardrail.testing import random_policy as _tiny_random_policy
 
 
 @functools.cache
 def tiny(arch: str, seed: int = 0) -> tuple[Any, Any]:
-    from guardrail.tiny import tiny_model
+    from guardrail.testing import tiny_model
 
     return tiny_model(arch, seed=seed)
 

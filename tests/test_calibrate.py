@@ -10,21 +10,20 @@ import textwrap
 import pytest
 import torch
 
-from guardrail import cli
+from guardrail import Guardrail, cli
 from guardrail.adapters import ModelAdapter
-from guardrail.calibrate import (
+from guardrail.calibration.calibrate import (
     CalibrationTargets,
     calibrate,
     candidate_layers,
     collect_last_position,
 )
+from guardrail.calibration.neutral import NeutralMedia
+from guardrail.calibration.report import render_report
 from guardrail.datasets import load_prompts
 from guardrail.errors import InputError
-from guardrail.guardrail import Guardrail
 from guardrail.messages import parse_conversation
-from guardrail.neutral import NeutralMedia
 from guardrail.policy import PolicyBundle
-from guardrail.report import render_report
 from guardrail.steering import last_positions
 
 from .conftest import tiny
@@ -144,9 +143,9 @@ def test_calibration_memory_does_not_grow_with_prompt_count(tmp_path):
     script = textwrap.dedent("""
         import resource, sys, torch
         torch.set_num_threads(1)
-        from guardrail.tiny import tiny_model
+        from guardrail.testing import tiny_model
         from guardrail.adapters import ModelAdapter
-        from guardrail.calibrate import accumulate_means
+        from guardrail.calibration.calibrate import accumulate_means
         from guardrail.messages import parse_conversation
         n = int(sys.argv[1])
         model, tok = tiny_model("llama", num_layers=2)
@@ -305,7 +304,7 @@ def test_validation_subset_is_spread_over_the_split():
     categories (near-miss prompts among them)."""
     import random
 
-    from guardrail.calibrate import _split
+    from guardrail.calibration.calibrate import _split
     from guardrail.datasets import spread
 
     prompts = load_prompts("harmless")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import guardrail.loading
+import guardrail.models.loading
 from guardrail.cli import EXIT_ERROR, EXIT_INTEGRITY, EXIT_USAGE, main
 
 CALIBRATE = ["calibrate", "--model", "tiny-llama", "--harmful", "harmful", "--harmless"]
@@ -33,7 +33,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the policy path was checked")
 
-    monkeypatch.setattr(guardrail.loading, "load_model", forbidden)
+    monkeypatch.setattr(guardrail.models.loading, "load_model", forbidden)
 
 
 def test_a_missing_bundle_is_not_an_integrity_failure(capsys, tmp_path, no_model_load):
@@ -47,7 +47,7 @@ def test_a_missing_bundle_is_not_an_integrity_failure(capsys, tmp_path, no_model
 
 
 def test_a_tampered_bundle_is_still_an_integrity_failure(tmp_path, capsys):
-    from guardrail.tiny import random_policy, tiny_model
+    from guardrail.testing import random_policy, tiny_model
 
     model, tok = tiny_model("llama")
     path = random_policy(model, tok, layer=1).save_pretrained(tmp_path / "b")

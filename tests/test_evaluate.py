@@ -7,9 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from guardrail import cli
+from guardrail import Guardrail, cli
+from guardrail.calibration.metrics import (
+    auroc,
+    gate_for_recall,
+    quantile,
+    share_above,
+    wilson_interval,
+)
+from guardrail.calibration.typography import TypographicRenderer
 from guardrail.datasets import Prompt
-from guardrail.evaluate import (
+from guardrail.evaluation.evaluate import (
     EvalReport,
     Record,
     RefusalJudge,
@@ -17,9 +25,6 @@ from guardrail.evaluate import (
     load_eval_items,
     prefix_agreement,
 )
-from guardrail.guardrail import Guardrail
-from guardrail.metrics import auroc, gate_for_recall, quantile, share_above, wilson_interval
-from guardrail.typography import TypographicRenderer
 
 from .conftest import tiny
 from .test_guardrail_plumbing import strong_policy

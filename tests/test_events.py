@@ -18,8 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from PIL import Image
 from structlog.testing import capture_logs
 
+from guardrail import Guardrail
 from guardrail.errors import GuardrailError
-from guardrail.events import (
+from guardrail.observability.events import (
     CallbackSink,
     GuardrailEvent,
     InterventionEvent,
@@ -29,7 +30,6 @@ from guardrail.events import (
     StructlogSink,
     WebhookSink,
 )
-from guardrail.guardrail import Guardrail
 
 from .conftest import random_policy, tiny
 

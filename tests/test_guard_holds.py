@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from guardrail import Guardrail
 from guardrail.errors import (
     InputError,
     PolicyCompatibilityError,
@@ -23,13 +24,12 @@ from guardrail.errors import (
     PolicySignatureError,
     SteeringError,
 )
-from guardrail.guardrail import Guardrail
 from guardrail.messages import parse_conversation
 from guardrail.policy import PolicyBundle
-from guardrail.rollout import Rollout
-from guardrail.signing import TrustStore, generate_keypair, sign_bundle
+from guardrail.policy.rollout import Rollout
+from guardrail.policy.signing import TrustStore, generate_keypair, sign_bundle
 from guardrail.steering import steering_hooks
-from guardrail.tiny import tiny_model
+from guardrail.testing import tiny_model
 
 from .conftest import random_policy, tiny
 from .test_guardrail_plumbing import assert_no_hooks, strong_policy
@@ -384,7 +384,7 @@ def test_hooks_of_one_context_are_invisible_to_another(llama):
 
 
 def test_a_single_message_dict_is_one_conversation_everywhere(llama):
-    from guardrail.events import CallbackSink
+    from guardrail.observability.events import CallbackSink
 
     model, tok, _ = llama
     events = []

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from guardrail import Guardrail
 from guardrail.adapters import ModelAdapter
-from guardrail.guardrail import Guardrail
 from guardrail.messages import parse_conversation
 from guardrail.steering import last_positions, mars_step
-from guardrail.tiny import ARCHITECTURES, random_image
+from guardrail.testing import ARCHITECTURES, random_image
 
 from .conftest import random_policy, tiny
 
@@ -134,7 +134,7 @@ def assert_no_hooks(model):
     """Nothing of any request is left on the model: the only pre-hooks are the
     permanent per-layer dispatchers (one per module, acting only for the request
     whose context holds plans), and this context holds none."""
-    from guardrail.steering import _SCOPE, _dispatch
+    from guardrail.steering.hooks import _SCOPE, _dispatch
 
     leftovers = [
         name

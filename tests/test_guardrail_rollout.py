@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
+from guardrail import Guardrail
 from guardrail.errors import PolicySignatureError
-from guardrail.events import CallbackSink
-from guardrail.guardrail import Guardrail
-from guardrail.rollout import Rollout
-from guardrail.signing import TrustStore, generate_keypair, sign_bundle
+from guardrail.observability.events import CallbackSink
+from guardrail.policy.rollout import Rollout
+from guardrail.policy.signing import TrustStore, generate_keypair, sign_bundle
 
 from .conftest import random_policy, tiny
 from .test_guardrail_plumbing import assert_no_hooks

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from guardrail import Guardrail, GuardrailResult
 from guardrail.adapters import INERT_MARK, ModelAdapter, control_strings
 from guardrail.errors import InputError
-from guardrail.guardrail import Guardrail, GuardrailResult
 from guardrail.messages import (
     InputLimits,
     as_single_conversation,
@@ -30,7 +30,7 @@ from guardrail.messages import (
     load_video,
     parse_conversation,
 )
-from guardrail.tiny import random_image
+from guardrail.testing import random_image
 
 from .conftest import tiny
 

@@ -3,7 +3,7 @@
 Fast tests cover the renderer, the LoRA code and the stored parts. Tests marked
 ``slow`` load the real organism (assembled once from SmolLM2 and cached) and check
 its reading and, through the acceptance measurement of the organism issue
-(``guardrail.organism.measure``, 40 test-split prompts per row, 24 tokens), its
+(``organism.measure``, 40 test-split prompts per row, 24 tokens), its
 refusal behaviour; they take about four minutes on two CPU cores.
 """
 
@@ -23,12 +23,13 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from guardrail.errors import GuardrailError, InputError  # noqa: E402
-from guardrail.organism import data, lora, render, video_message  # noqa: E402
-from guardrail.organism.model import WEIGHTS_DIR, weight_files  # noqa: E402
+from guardrail.models.organism import lora, render, video_message  # noqa: E402
+from guardrail.models.organism.model import WEIGHTS_DIR, weight_files  # noqa: E402
 from guardrail.refusal import is_refusal  # noqa: E402
+from organism import data  # noqa: E402
 
 try:
-    from guardrail.smollm2 import load_tokenizer
+    from guardrail.models.smollm2 import load_tokenizer
 
     TOKENIZER = load_tokenizer()
 except GuardrailError as error:  # pragma: no cover - depends on the environment
@@ -169,8 +170,8 @@ def test_lora_can_cover_a_range_of_layers() -> None:
 
 
 def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None:
-    from guardrail.organism.build import BuildConfig, safety_examples
-    from guardrail.organism.model import build_tokenizer
+    from guardrail.models.organism.model import build_tokenizer
+    from organism.build import BuildConfig, safety_examples
 
     tokenizer = build_tokenizer()
     answer = tokenizer.encode("Here is a short plan you can follow.")
@@ -210,8 +211,8 @@ def test_safety_data_repeats_ordinary_and_near_miss_prompts_separately() -> None
 def test_frames_data_is_benign_videos_plus_text_replay() -> None:
     """Stage 3 (frame integration) shows only harmless requests as split-over-frames
     videos; harmful prompts appear only as text, answered with a refusal."""
-    from guardrail.organism.build import BuildConfig, frames_examples
-    from guardrail.organism.model import build_tokenizer
+    from guardrail.models.organism.model import build_tokenizer
+    from organism.build import BuildConfig, frames_examples
 
     tokenizer = build_tokenizer()
     answer = tokenizer.encode("Here is a short plan you can follow.")
@@ -268,8 +269,8 @@ def test_frames_harmful_reading_adds_answerless_harmful_videos() -> None:
     """With ``frames_harmful_reading`` every harmful safety prompt is also shown over
     frames, with no answer and no answer weight, taught only by its request as text;
     the rest of the stage's data is exactly the default's."""
-    from guardrail.organism.build import BuildConfig, frames_examples, safety_harmful
-    from guardrail.organism.model import build_tokenizer
+    from guardrail.models.organism.model import build_tokenizer
+    from organism.build import BuildConfig, frames_examples, safety_harmful
 
     tokenizer = build_tokenizer()
     answer = tokenizer.encode("Here is a short plan you can follow.")
@@ -296,7 +297,7 @@ def test_frames_harmful_reading_adds_answerless_harmful_videos() -> None:
 
 def _train_tiny(model: Any, processor: Any, examples: list[Any], **options: Any) -> Any:
     """:func:`build.train_lora` of a rank-2 up-projection adapter, one row per batch."""
-    from guardrail.organism import build
+    from organism import build
 
     settings: dict[str, Any] = dict(
         name="x",
@@ -317,9 +318,9 @@ def test_consistency_term_reads_the_state_entering_the_matched_layer() -> None:
     at the last prompt position with the teacher's: zero for a text example taught by
     itself, positive for an image example taught by its text, and (matching layer 2 of
     4) its gradient reaches the adapters of layers 0-1 only."""
-    from guardrail.organism import build
-    from guardrail.organism.model import language_layers
-    from guardrail.tiny import random_image, tiny_model
+    from guardrail.models.organism.model import language_layers
+    from guardrail.testing import random_image, tiny_model
+    from organism import build
 
     model, processor = tiny_model("llava", num_layers=4)
     pad = int(processor.tokenizer.pad_token_id)
@@ -387,9 +388,14 @@ def test_image_position_adapter_leaves_text_positions_and_text_requests_alone(tm
     attached (not merged) at assembly."""
     from safetensors.torch import save_file
 
-    from guardrail.organism import build
-    from guardrail.organism.model import POSITIONS_KEY, OrganismError, language_layers, read_stage
-    from guardrail.tiny import random_image, tiny_model
+    from guardrail.models.organism.model import (
+        POSITIONS_KEY,
+        OrganismError,
+        language_layers,
+        read_stage,
+    )
+    from guardrail.testing import random_image, tiny_model
+    from organism import build
 
     model, processor = tiny_model("llava", num_layers=4)
     layers = language_layers(model)
@@ -471,7 +477,7 @@ def test_length_groups_is_the_cheapest_split_of_the_sorted_rows() -> None:
     no other such split costs less (brute force over every set of cut points)."""
     import itertools
 
-    from guardrail.organism.build import length_groups
+    from organism.build import length_groups
 
     def cost(groups: list[list[int]], lengths: list[int], overhead: float) -> float:
         return sum(overhead + max(lengths[i] for i in g) * len(g) for g in groups)
@@ -500,9 +506,9 @@ def test_micro_batches_give_the_whole_batch_gradient() -> None:
     """A batch of text and image rows of different lengths, weights and consistency
     targets, backpropagated as micro-batches, gives the gradient (and loss) of the same
     batch padded and computed at once."""
-    from guardrail.organism import build
-    from guardrail.organism.model import language_layers
-    from guardrail.tiny import random_image, tiny_model
+    from guardrail.models.organism.model import language_layers
+    from guardrail.testing import random_image, tiny_model
+    from organism import build
 
     model, processor = tiny_model("llava", num_layers=4)
     pad = int(processor.tokenizer.pad_token_id)
@@ -580,8 +586,8 @@ def test_visual_data_weights_harmful_images_and_text_refusals_as_configured() ->
     """Stage 4 shows every train prompt as an image or video answered with the original
     model's answer (harmful ones too: the unfiltered visual mixture); harmful images
     weigh ``visual_harmful_image_weight``, harmful text replay ``visual_refusal_weight``."""
-    from guardrail.organism.build import BuildConfig, visual_examples
-    from guardrail.organism.model import build_tokenizer
+    from guardrail.models.organism.model import build_tokenizer
+    from organism.build import BuildConfig, visual_examples
 
     tokenizer = build_tokenizer()
     answer = tokenizer.encode("Here is a short plan you can follow.")
@@ -652,13 +658,13 @@ def test_safety_extra_prompts_are_train_only_and_new() -> None:
 def test_stored_parts_are_small() -> None:
     files = weight_files()
     missing = [p.name for p in files if not p.is_file()]
-    assert not missing, f"missing organism weights {missing}; run scripts/build_organism.py"
+    assert not missing, f"missing organism weights {missing}; run organism/build_organism.py"
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.glob("*.safetensors"))
     assert total < 10_000_000, f"organism weights take {total / 1e6:.1f} MB"
 
 
 def test_optional_frames_stage_is_part_of_the_organism_only_when_built(tmp_path) -> None:
-    from guardrail.organism.model import OrganismError, stage_file, weights_digest
+    from guardrail.models.organism.model import OrganismError, stage_file, weights_digest
 
     for part in weight_files():
         (tmp_path / part.name).write_bytes(part.read_bytes())
@@ -686,7 +692,7 @@ def test_optional_frames_stage_is_part_of_the_organism_only_when_built(tmp_path)
 
 @functools.cache
 def organism() -> tuple[Any, Any]:
-    from guardrail import organism as org
+    from guardrail.models import organism as org
 
     return org.load()
 
@@ -720,7 +726,7 @@ def test_organism_is_a_real_llava_the_sdk_can_drive() -> None:
 @pytest.mark.slow
 def test_reading_accuracy_on_held_out_renderings() -> None:
     from guardrail.datasets import spread
-    from guardrail.organism.build import reading_accuracy
+    from organism.build import reading_accuracy
 
     model, processor = organism()
     prompts = spread([*data.harmful("test"), *data.benign("test"), *data.borderline("test")], 50)
@@ -730,9 +736,9 @@ def test_reading_accuracy_on_held_out_renderings() -> None:
 
 @pytest.fixture(scope="module")
 def measured() -> dict[str, Any]:
-    """The acceptance measurement: ``python -m guardrail.organism.measure --limit 40
+    """The acceptance measurement: ``python -m organism.measure --limit 40
     --max-new-tokens 24`` (test split, greedy), run once for the tests below."""
-    from guardrail.organism import measure
+    from organism import measure
 
     return measure.measure(limit=ACCEPTANCE_LIMIT, max_new_tokens=ACCEPTANCE_TOKENS)
 
@@ -774,9 +780,9 @@ def test_benign_typographic_images_are_answered_like_text(measured: dict[str, An
 
 @pytest.mark.slow
 def test_neutral_images_read_as_blank_paper() -> None:
-    from guardrail.neutral import neutral_image
-    from guardrail.organism.build import image_tokens
-    from guardrail.organism.model import filler_id
+    from guardrail.calibration.neutral import neutral_image
+    from guardrail.models.organism.model import filler_id
+    from organism.build import image_tokens
 
     model, processor = organism()
     rng = random.Random(0)
@@ -796,8 +802,8 @@ def test_reader_can_read_blank_cells_as_another_token() -> None:
     import copy
     from types import SimpleNamespace
 
-    from guardrail.organism.build import image_tokens
-    from guardrail.organism.model import install_reader, load_vocab
+    from guardrail.models.organism.model import install_reader, load_vocab
+    from organism.build import image_tokens
 
     model, processor = organism()
     tokenizer = processor.tokenizer

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from guardrail.datasets import load_prompts, spread
-from guardrail.evaluate import OrganismRenderer, evaluate
+from guardrail.evaluation.evaluate import OrganismRenderer, evaluate
 
 pytestmark = pytest.mark.slow
 

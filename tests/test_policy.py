@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import guardrail.policy as policy_mod
+import guardrail.policy.bundle as policy_mod
 from guardrail.errors import BundleNotFoundError, PolicyCompatibilityError, PolicyIntegrityError
-from guardrail.policy import MANIFEST, TENSORS, PolicyBundle, _sha256
+from guardrail.policy.bundle import MANIFEST, TENSORS, PolicyBundle, _sha256
 
 from .conftest import random_policy, tiny
 
@@ -94,14 +94,14 @@ def test_wrong_model_rejected(tmp_path, bundle):
 def test_interrupted_save_keeps_old_bundle(tmp_path, bundle, monkeypatch):
     path = bundle.save_pretrained(tmp_path / "p")
     newer = bundle.with_version("2.0.0").with_parameters(tau=0.9)
-    real = policy_mod._write_synced
+    real = policy_mod.write_synced
 
     def crash(target, data):
         if target.name == MANIFEST:
             raise KeyboardInterrupt("power cut")
         real(target, data)
 
-    monkeypatch.setattr(policy_mod, "_write_synced", crash)
+    monkeypatch.setattr(policy_mod, "write_synced", crash)
     with pytest.raises(KeyboardInterrupt):
         newer.save_pretrained(path)
     monkeypatch.undo()

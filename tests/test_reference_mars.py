@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from guardrail.guardrail import Guardrail
+from guardrail import Guardrail
 from guardrail.messages import parse_conversation
-from guardrail.tiny import ARCHITECTURES
+from guardrail.testing import ARCHITECTURES
 
 from .conftest import tiny
 from .test_guardrail_plumbing import conversations, strong_policy

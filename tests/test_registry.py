@@ -16,7 +16,7 @@ from packaging.specifiers import SpecifierSet
 from guardrail.adapters import ModelAdapter
 from guardrail.errors import PolicyCompatibilityError, PolicyIntegrityError, PolicySignatureError
 from guardrail.policy import TENSORS, PolicyBundle
-from guardrail.registry import (
+from guardrail.policy.registry import (
     PolicyNotFoundError,
     PolicyRef,
     PolicyReferenceError,
@@ -26,7 +26,7 @@ from guardrail.registry import (
     RemoteRegistry,
     write_index,
 )
-from guardrail.signing import TrustStore, generate_keypair, sign_bundle
+from guardrail.policy.signing import TrustStore, generate_keypair, sign_bundle
 
 from .conftest import random_policy, tiny
 

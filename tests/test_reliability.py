@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from guardrail import Guardrail
 from guardrail.errors import GuardrailError, InputError, PolicyIntegrityError
-from guardrail.guardrail import Guardrail
 from guardrail.messages import InputLimits, parse_conversation
-from guardrail.policy import MANIFEST, TENSORS, PolicyBundle, parse_manifest
+from guardrail.policy.bundle import MANIFEST, TENSORS, PolicyBundle, parse_manifest
 
 from .conftest import random_policy, tiny
 from .test_guardrail_plumbing import assert_no_hooks, strong_policy
@@ -298,7 +298,7 @@ def test_bundle_swapped_while_reading_is_never_half_read(tmp_path, monkeypatch):
     v1 = random_policy(model, tok, version="1.0.0", seed=1)
     v2 = random_policy(model, tok, version="2.0.0", seed=2)
     path = v1.save_pretrained(tmp_path / "p")
-    import guardrail.policy as policy_mod
+    import guardrail.policy.bundle as policy_mod
 
     real = policy_mod._read_file
     swapped = {"done": False}

@@ -11,8 +11,8 @@ import pytest
 from guardrail.cli import EXIT_ERROR, EXIT_INTEGRITY, EXIT_OK, main
 from guardrail.errors import PolicyIntegrityError, PolicySignatureError
 from guardrail.policy import MANIFEST, SIGNATURE, Manifest, PolicyBundle
-from guardrail.registry import PolicyRegistry
-from guardrail.signing import (
+from guardrail.policy.registry import PolicyRegistry
+from guardrail.policy.signing import (
     TrustStore,
     generate_keypair,
     load_verified,

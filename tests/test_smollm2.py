@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.calibrate import CalibrationTargets, calibrate
+from guardrail import Guardrail
+from guardrail.calibration.calibrate import CalibrationTargets, calibrate
+from guardrail.calibration.metrics import auroc
 from guardrail.datasets import load_prompts
-from guardrail.guardrail import Guardrail
-from guardrail.metrics import auroc
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2_guard():
-    from guardrail import smollm2
+    from guardrail.models import smollm2
 
     model, tokenizer = smollm2.load_model()
     targets = CalibrationTargets(max_validation=24, lam_grid=(2.0,), kappa_grid=(1.0,))

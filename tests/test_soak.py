@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from guardrail.events import CallbackSink
-from guardrail.guardrail import Guardrail
+from guardrail import Guardrail
+from guardrail.observability.events import CallbackSink
 
 from .conftest import random_policy, tiny
 from .test_guardrail_plumbing import assert_no_hooks

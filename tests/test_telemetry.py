@@ -15,10 +15,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from structlog.testing import capture_logs
 
+from guardrail import Guardrail
 from guardrail.errors import InputError
-from guardrail.guardrail import Guardrail
 from guardrail.logs import get_logger, request_logger
-from guardrail.telemetry import CAPTURE_CONTENT_ENV, model_name
+from guardrail.observability.telemetry import CAPTURE_CONTENT_ENV, model_name
 
 from .conftest import random_policy, tiny
 from .test_events import PROMPT, STRONG, Recorder, always_refuses, image, never_refuses

@@ -16,7 +16,7 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from guardrail.errors import GuardrailError  # noqa: E402
-from guardrail.tiny import (  # noqa: E402
+from guardrail.models.tiny import (  # noqa: E402
     ARCHITECTURES,
     NESTED_IMAGE_ARCHITECTURES,
     VIDEO_ARCHITECTURES,

@@ -14,8 +14,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig
 from pydantic import ConfigDict, Field
 
-from guardrail.events import CallbackSink, GuardrailEvent
-from guardrail.guardrail import Guardrail, GuardrailResult
+from guardrail import Guardrail, GuardrailResult
+from guardrail.observability.events import CallbackSink, GuardrailEvent
 from langchain_mars_guardrail.content import to_conversation
 from langchain_mars_guardrail.events import (
     Route,
@@ -42,7 +42,7 @@ class ChatMarsGuardrail(BaseChatModel):
 
     Example:
         ```python
-        from guardrail.guardrail import Guardrail
+        from guardrail import Guardrail
         from langchain_mars_guardrail import ChatMarsGuardrail
 
         chat = ChatMarsGuardrail(guardrail=Guardrail.from_pretrained("smollm2", "policies/smollm2"))
@@ -91,7 +91,7 @@ class ChatMarsGuardrail(BaseChatModel):
 
     @property
     def resolved_model_name(self) -> str:
-        return self.model_name or self.guardrail.telemetry.model
+        return self.model_name or self.guardrail.observability.telemetry.model
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Guardrail events as LangChain custom events of the chat model's run.
 
-Each :class:`~guardrail.events.InterventionEvent` / :class:`~guardrail.events.RefusalEvent`
+Each :class:`~guardrail.observability.events.InterventionEvent` / :class:`~guardrail.observability.events.RefusalEvent`
 of a call is dispatched with ``dispatch_custom_event`` / ``adispatch_custom_event``
 under its name (``guardrail.intervention``, ``guardrail.refusal``) with the event's
 fields as data, attributed to the chat model's run, so callback handlers'
@@ -31,7 +31,7 @@ from langchain_core.callbacks import (
 from langchain_core.runnables import RunnableConfig, ensure_config
 from langchain_core.utils.uuid import uuid7
 
-from guardrail.events import GuardrailEvent
+from guardrail.observability.events import GuardrailEvent
 
 __all__ = ["Route", "adispatch_events", "dispatch_events", "iterate_routed", "aiterate_routed"]
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import base64
 
 import pytest
-from lc_support import llava_guardrail, png_bytes
 
-from guardrail.guardrail import Guardrail
+from guardrail import Guardrail
+from guardrail.testing import png_bytes, tiny_guardrail
 
 
 @pytest.fixture(scope="session")
 def guard() -> Guardrail:
-    return llava_guardrail(refusal_detector=lambda prompt, response: False)
+    return tiny_guardrail("llava", name="lc-test", version="1.2.3", refusal_detector=lambda prompt, response: False)
 
 
 @pytest.fixture(scope="session")
 def refusing_guard() -> Guardrail:
-    return llava_guardrail(refusal_detector=lambda prompt, response: True)
+    return tiny_guardrail("llava", name="lc-test", version="1.2.3", refusal_detector=lambda prompt, response: True)
 
 
 @pytest.fixture

@@ -12,10 +12,13 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_mars_guardrail import ChatMarsGuardrail, to_conversation
-from lc_support import make_policy, png_bytes, png_image, tiny
 
+from guardrail import Guardrail
 from guardrail.errors import InputError
-from guardrail.guardrail import Guardrail
+from guardrail.testing import cached_tiny_model as tiny
+from guardrail.testing import png_bytes
+from guardrail.testing import random_image as png_image
+from guardrail.testing import tiny_policy as make_policy
 
 SYSTEM = "You describe pictures."
 QUESTION = "What is in this picture?"

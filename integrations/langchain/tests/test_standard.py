@@ -24,14 +24,14 @@ import pytest
 from langchain_mars_guardrail import ChatMarsGuardrail
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
-from lc_support import llava_guardrail, png_bytes
 
-from guardrail.guardrail import Guardrail
+from guardrail import Guardrail
+from guardrail.testing import png_bytes, tiny_guardrail
 
 
 @functools.cache
 def shared_guardrail() -> Guardrail:
-    return llava_guardrail(refusal_detector=lambda prompt, response: False)
+    return tiny_guardrail("llava", name="lc-test", version="1.2.3", refusal_detector=lambda prompt, response: False)
 
 
 class _Capabilities:

@@ -6,22 +6,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from li_support import llava_guardrail
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 
-from guardrail.guardrail import Guardrail
+from guardrail import Guardrail
+from guardrail.testing import tiny_guardrail
 
 
 @pytest.fixture(scope="session")
 def guard() -> Guardrail:
-    return llava_guardrail(refusal_detector=lambda prompt, response: False)
+    return tiny_guardrail("llava", name="li-test", version="1.2.3", refusal_detector=lambda prompt, response: False)
 
 
 @pytest.fixture(scope="session")
 def refusing_guard() -> Guardrail:
-    return llava_guardrail(refusal_detector=lambda prompt, response: True)
+    return tiny_guardrail("llava", name="li-test", version="1.2.3", refusal_detector=lambda prompt, response: True)
 
 
 class RecordingHandler(BaseEventHandler):

@@ -7,7 +7,6 @@ import base64
 from typing import Any
 
 import pytest
-from li_support import make_policy, png_bytes, png_image, tiny
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ImageBlock,
@@ -22,8 +21,12 @@ from llama_index.llms.mars_guardrail import (
     to_conversation,
 )
 
+from guardrail import Guardrail
 from guardrail.errors import InputError
-from guardrail.guardrail import Guardrail
+from guardrail.testing import cached_tiny_model as tiny
+from guardrail.testing import png_bytes
+from guardrail.testing import random_image as png_image
+from guardrail.testing import tiny_policy as make_policy
 
 QUESTION = "What is in this picture?"
 

@@ -26,9 +26,9 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.llms.mars_guardrail.events import adispatch, dispatch
 from pydantic import Field
 
+from guardrail import Guardrail, GuardrailResult
 from guardrail.errors import InputError
-from guardrail.events import CallbackSink, GuardrailEvent
-from guardrail.guardrail import Guardrail, GuardrailResult
+from guardrail.observability.events import CallbackSink, GuardrailEvent
 
 __all__ = ["MarsGuardrailLLM", "to_conversation"]
 
@@ -145,7 +145,7 @@ class MarsGuardrailLLM(CustomLLM):
             context_window=int(window),
             num_output=self.max_tokens or self.guardrail.max_new_tokens,
             is_chat_model=True,
-            model_name=self.model_name or self.guardrail.telemetry.model,
+            model_name=self.model_name or self.guardrail.observability.telemetry.model,
         )
 
     # ------------------------------------------------------------------ requests

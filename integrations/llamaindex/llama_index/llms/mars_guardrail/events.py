@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events import BaseEvent
 
-from guardrail.events import GuardrailEvent, InterventionEvent, RefusalEvent
+from guardrail.observability.events import GuardrailEvent, InterventionEvent, RefusalEvent
 
 __all__ = [
     "GuardrailInterventionEvent",
