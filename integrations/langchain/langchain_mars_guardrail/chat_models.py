@@ -91,7 +91,7 @@ class ChatMarsGuardrail(BaseChatModel):
 
     @property
     def resolved_model_name(self) -> str:
-        return self.model_name or self.guardrail.observability.telemetry.model
+        return self.model_name or self.guardrail.telemetry.model
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

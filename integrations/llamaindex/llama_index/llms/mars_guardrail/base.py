@@ -145,7 +145,7 @@ class MarsGuardrailLLM(CustomLLM):
             context_window=int(window),
             num_output=self.max_tokens or self.guardrail.max_new_tokens,
             is_chat_model=True,
-            model_name=self.model_name or self.guardrail.observability.telemetry.model,
+            model_name=self.model_name or self.guardrail.telemetry.model,
         )
 
     # ------------------------------------------------------------------ requests
