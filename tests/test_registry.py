@@ -240,6 +240,8 @@ def serve(root: Path, *, fail_first: int = 0, corrupt: bool = False):
 
 
 def _remote(url, cache, **kwargs):
+    # A plain-http test server on 127.0.0.1: bundles without a trust store need the opt-in.
+    kwargs.setdefault("allow_insecure", True)
     return RemoteRegistry(url, cache, backoff=0.001, max_backoff=0.01, timeout=5, **kwargs)
 
 

@@ -34,9 +34,10 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -45,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guardrail.atomic import fsync_dir as _fsync_dir
 from guardrail.atomic import write_synced as _write_synced
-from guardrail.errors import PolicySignatureError
-from guardrail.policy.bundle import SIGNATURE, PolicyBundle
+from guardrail.errors import BundleNotFoundError, PolicyIntegrityError, PolicySignatureError
+from guardrail.policy.bundle import MANIFEST, SIGNATURE, TENSORS, PolicyBundle
 
 if TYPE_CHECKING:
     from guardrail.adapters import ModelAdapter
@@ -66,6 +67,8 @@ __all__ = [
 
 ALGORITHM = "ed25519"
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_BUNDLE_FILES = (MANIFEST, TENSORS, SIGNATURE)
+_T = TypeVar("_T")
 
 PrivateKeyLike = Ed25519PrivateKey | bytes | str | os.PathLike[str]
 PublicKeyLike = Ed25519PublicKey | bytes | str | os.PathLike[str]
@@ -276,12 +279,19 @@ def read_signature(bundle: PolicyBundle) -> Signature | None:
 def verify_bundle(bundle: PolicyBundle | str | os.PathLike[str], trust_store: TrustStore) -> str:
     """Check the bundle's signature against ``trust_store`` and return the signing key id.
 
-    A path is loaded (and integrity-checked) first. Raises :class:`PolicySignatureError`
+    A path is loaded (and integrity-checked) first, consistently as in
+    :func:`load_verified`. Raises :class:`PolicySignatureError`
     when the bundle is unsigned, signed by a key the store does not hold, signed over
     a different manifest, or the signature does not verify.
     """
     if not isinstance(bundle, PolicyBundle):
-        bundle = PolicyBundle.from_pretrained(bundle)
+        _, key_id = _read_consistent(Path(bundle), trust_store)
+        assert key_id is not None  # verified under trust_store
+        return key_id
+    return _verify(bundle, trust_store)
+
+
+def _verify(bundle: PolicyBundle, trust_store: TrustStore) -> str:
     where = f"policy {bundle.ref}"
     signature = read_signature(bundle)
     if signature is None:
@@ -326,10 +336,82 @@ def load_verified(
 
     With ``trust_store=None`` this is :meth:`PolicyBundle.from_pretrained`; with one,
     unsigned or wrongly signed bundles raise :class:`PolicySignatureError`.
+
+    A bundle replaced while it is read (``save_pretrained``, ``publish(overwrite=True)``
+    or any other rename of new files into place) can be seen half old, half new, or
+    briefly not at all. A failed read is therefore repeated, whole, while the files
+    keep changing (for up to 2 s); an error is raised once a read failed on files that
+    stayed unchanged from before that read until 50 ms after it, i.e. a fault in the
+    files themselves. ``verify_bundle`` on a path reads the same way.
     """
-    bundle = PolicyBundle.from_pretrained(directory)
-    if trust_store is not None:
-        verify_bundle(bundle, trust_store)
+    bundle, _ = _read_consistent(Path(directory), trust_store)
     if adapter is not None:
         bundle.check_compatible(adapter)
     return bundle
+
+
+# A read that fails is repeated as long as the files it read keep changing (a
+# replacement in progress), for at most _RETRY_BUDGET_S; it fails for good once the files
+# stayed unchanged from before the failed read until _SETTLE_S after it.
+_RETRY_BUDGET_S = 2.0
+_SETTLE_S = 0.05
+_POLL_S = 0.002
+
+
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _snapshot(directory: Path) -> tuple[tuple[int, ...] | None, ...]:
+    """Identity of the bundle directory and its files: changes when any is replaced."""
+    return tuple(_stat_key(p) for p in (directory, *(directory / f for f in _BUNDLE_FILES)))
+
+
+def _changes_within(snapshot: Callable[[], object], before: object) -> bool:
+    """Whether ``snapshot()`` differs from ``before`` now or within the next ``_SETTLE_S``."""
+    end = time.monotonic() + _SETTLE_S
+    while True:
+        if snapshot() != before:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(_POLL_S)
+
+
+def _retry_while_changing(
+    read: Callable[[], _T],
+    snapshot: Callable[[], object],
+    errors: tuple[type[Exception], ...],
+) -> _T:
+    """``read()``, repeated while it raises one of ``errors`` and ``snapshot()`` (the
+    identity of the files it reads) shows them changing; see ``_RETRY_BUDGET_S``."""
+    give_up = time.monotonic() + _RETRY_BUDGET_S
+    while True:
+        before = snapshot()
+        try:
+            return read()
+        except errors:
+            if time.monotonic() >= give_up or not _changes_within(snapshot, before):
+                raise
+
+
+def _read_consistent(
+    directory: Path, trust_store: TrustStore | None
+) -> tuple[PolicyBundle, str | None]:
+    """Load ``directory`` (and verify it under ``trust_store``) from one consistent read.
+
+    Returns the bundle and the signing key id (None without a trust store).
+    """
+
+    def read() -> tuple[PolicyBundle, str | None]:
+        bundle = PolicyBundle.from_pretrained(directory)
+        return bundle, (_verify(bundle, trust_store) if trust_store is not None else None)
+
+    # BundleNotFoundError: the directory is being swapped (save_pretrained renames it).
+    return _retry_while_changing(
+        read, lambda: _snapshot(directory), (PolicyIntegrityError, BundleNotFoundError)
+    )
