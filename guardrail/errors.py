@@ -42,3 +42,30 @@ class UnsupportedModelError(GuardrailError, TypeError):
 
 class SteeringError(GuardrailError, RuntimeError):
     """The steering hook could not be applied to a forward pass as planned."""
+
+
+# Registries (guardrail.policy.registry, guardrail.policy.remote)
+
+
+class RegistryError(PolicyError):
+    """A registry cannot list, resolve, fetch or publish a policy bundle."""
+
+
+class PolicyReferenceError(RegistryError, ValueError):
+    """A policy reference such as ``name@^1.2`` is malformed."""
+
+
+class PolicyNotFoundError(RegistryError, LookupError):
+    """No bundle of that name, or no version matching the constraint."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """A remote registry could not be reached (after retries) or missed the deadline."""
+
+
+class PolicyDowngradeError(RegistryError):
+    """A range or ``latest`` resolved below a version this registry served before."""
+
+
+class InsecureRegistryError(RegistryError):
+    """A plain-http registry was asked for a bundle without a trust store or opt-in."""

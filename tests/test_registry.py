@@ -14,19 +14,20 @@ import torch
 from packaging.specifiers import SpecifierSet
 
 from guardrail.adapters import ModelAdapter
-from guardrail.errors import PolicyCompatibilityError, PolicyIntegrityError, PolicySignatureError
-from guardrail.policy import TENSORS, PolicyBundle
-from guardrail.policy.registry import (
+from guardrail.errors import (
+    PolicyCompatibilityError,
+    PolicyIntegrityError,
     PolicyNotFoundError,
-    PolicyRef,
     PolicyReferenceError,
-    PolicyRegistry,
+    PolicySignatureError,
     RegistryError,
     RegistryUnavailableError,
-    RemoteRegistry,
-    write_index,
 )
+from guardrail.policy import TENSORS, PolicyBundle
+from guardrail.policy.registry import PolicyRegistry, write_index
+from guardrail.policy.remote import RemoteRegistry
 from guardrail.policy.signing import TrustStore, generate_keypair, sign_bundle
+from guardrail.policy.versions import PolicyRef
 
 from .conftest import random_policy, tiny
 

@@ -23,23 +23,20 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from guardrail.errors import PolicyError, PolicyIntegrityError
-from guardrail.policy import PolicyBundle
-from guardrail.policy.registry import (
-    VERSIONS_SEEN,
+from guardrail.errors import (
     InsecureRegistryError,
-    PolicyDowngrade,
     PolicyDowngradeError,
-    PolicyRef,
-    PolicyRegistry,
+    PolicyError,
+    PolicyIntegrityError,
     RegistryError,
     RegistryUnavailableError,
-    RemoteRegistry,
-    _RedirectHandler,
-    _sorted_versions,
-    write_index,
 )
+from guardrail.policy import PolicyBundle
+from guardrail.policy.history import VERSIONS_SEEN, PolicyDowngrade
+from guardrail.policy.registry import PolicyRegistry, write_index
+from guardrail.policy.remote import RemoteRegistry, _RedirectHandler
 from guardrail.policy.signing import TrustStore, generate_keypair, load_verified, sign_bundle
+from guardrail.policy.versions import PolicyRef, _sorted_versions
 
 from .conftest import random_policy
 

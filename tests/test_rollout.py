@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 from guardrail.adapters import ModelAdapter
 from guardrail.cli import EXIT_CANARY_FLAGGED, EXIT_OK, main
-from guardrail.errors import PolicyCompatibilityError, PolicySignatureError
+from guardrail.errors import PolicyCompatibilityError, PolicyNotFoundError, PolicySignatureError
 from guardrail.evaluation.rollout_report import report_events, two_proportion_z
 from guardrail.observability.events import InterventionEvent, JsonlSink, RefusalEvent
-from guardrail.policy.registry import PolicyNotFoundError, PolicyRegistry
+from guardrail.policy.registry import PolicyRegistry
 from guardrail.policy.rollout import Rollout, RolloutConfig, RolloutConfigError, bucket
 from guardrail.policy.signing import TrustStore, generate_keypair, sign_bundle
 

@@ -13,6 +13,7 @@ RECENTER_ACTIVATION_CHOICES: dict[str, bool | str] = {
     "always": True,
 }
 
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from guardrail.calibration.calibrate import CalibrationTargets, calibrate
     from guardrail.calibration.neutral import NeutralMedia

@@ -66,7 +66,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 def model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--device`` and ``--dtype``."""
     p.add_argument(
-        "--model", required=True, help="checkpoint directory, or 'organism' / 'smollm2' / 'tiny-<arch>'"
+        "--model",
+        required=True,
+        help="checkpoint directory, or 'organism' / 'smollm2' / 'tiny-<arch>'",
     )
     p.add_argument("--device", default=None, help="torch device (default: CPU)")
     p.add_argument("--dtype", default=None, help="torch dtype name, e.g. bfloat16")

@@ -343,7 +343,9 @@ class OrganismRenderer:
     def image(self, prompt: str) -> list[dict[str, Any]]:
         from guardrail.models.organism import phrasings, render
 
-        phrasing = phrasings.IMAGE_PHRASINGS["test"][len(prompt) % len(phrasings.IMAGE_PHRASINGS["test"])]
+        phrasing = phrasings.IMAGE_PHRASINGS["test"][
+            len(prompt) % len(phrasings.IMAGE_PHRASINGS["test"])
+        ]
         return [
             {"type": "image", "image": render.render_text(prompt)},
             {"type": "text", "text": phrasing},
@@ -352,7 +354,9 @@ class OrganismRenderer:
     def video(self, prompt: str) -> list[dict[str, Any]]:
         from guardrail.models.organism import phrasings, render
 
-        phrasing = phrasings.VIDEO_PHRASINGS["test"][len(prompt) % len(phrasings.VIDEO_PHRASINGS["test"])]
+        phrasing = phrasings.VIDEO_PHRASINGS["test"][
+            len(prompt) % len(phrasings.VIDEO_PHRASINGS["test"])
+        ]
         frames = render.video_frames(prompt, self.frames)
         return [{"type": "video", "video": frames}, {"type": "text", "text": phrasing}]
 

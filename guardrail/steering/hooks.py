@@ -281,5 +281,3 @@ def run_until(
             model(**inputs, use_cache=False)
     except StopForward:
         pass
-
-
