@@ -22,12 +22,11 @@ from PIL import Image
 from guardrail import Guardrail, GuardrailResult
 from guardrail.adapters import INERT_MARK, ModelAdapter, control_strings
 from guardrail.errors import InputError
+from guardrail.media import load_image, load_video
 from guardrail.messages import (
     InputLimits,
     as_single_conversation,
     is_single_conversation,
-    load_image,
-    load_video,
     parse_conversation,
 )
 from guardrail.testing import random_image
