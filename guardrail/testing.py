@@ -103,7 +103,7 @@ def tiny_policy(
     return random_policy(model, processor, layer=layer, modalities=modalities, **params)
 
 
-STEER_ALL: dict[str, float] = {"tau": -10.0, "lam": 10.0, "kappa": 8.0}
+STEER_ALL: dict[str, Any] = {"tau": -10.0, "lam": 10.0, "kappa": 8.0}
 """Steering parameters whose gate opens on every request (tau far below any score)."""
 
 

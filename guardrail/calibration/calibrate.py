@@ -376,11 +376,12 @@ def calibrate(
     """Calibrate a MARS policy bundle for ``model`` from text-only prompt sets.
 
     Args:
-        harmful, harmless: shipped names, files (JSONL, JSON, CSV, TXT) or lists of
+        harmful: shipped names, files (JSONL, JSON, CSV, TXT) or lists of
             strings / :class:`~guardrail.datasets.Prompt`. Items with ``split="val"``
             are the validation set; without such items ``validation_fraction`` of
             the non-test items are drawn at random (``seed``). ``split="test"`` items
             are never used.
+        harmless: the harmless prompts, in the same forms as ``harmful``.
         modalities: non-text modalities to calibrate re-centring for (default:
             every modality the model supports).
         layers: candidate layers (default: ``targets.layer_range`` of the layer count).

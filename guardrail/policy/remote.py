@@ -288,7 +288,8 @@ class RemoteRegistry:
             :meth:`load`) may spend on the network in all, retries and backoff
             included; past it the call raises :class:`RegistryUnavailableError`. This
             bounds a server that drips bytes slower than ``timeout`` never notices.
-        backoff, max_backoff: the first wait and the cap of the exponential backoff (s).
+        backoff: the first wait of the exponential backoff (s).
+        max_backoff: the cap of the exponential backoff (s).
         max_bytes: the largest file accepted.
         headers: extra request headers (e.g. ``{"Authorization": "Bearer ..."}``). They
             are sent only to the origin of ``base_url`` (scheme, host and port): a
