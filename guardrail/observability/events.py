@@ -36,13 +36,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import (
     RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
 )
 
 from guardrail.errors import GuardrailError
+from guardrail.http import HTTPStatusError, retrying, transient
 from guardrail.logs import get_logger, request_logger
 
 if TYPE_CHECKING:
@@ -355,10 +352,6 @@ class JsonlSink:
                 self._file = None
 
 
-class _RetryableHTTPError(Exception):
-    pass
-
-
 _CLOSE = object()
 
 
@@ -471,20 +464,15 @@ class WebhookSink:
             with self._lock:
                 self.retries += 1
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
-            retry=retry_if_exception(
-                lambda exc: (
-                    isinstance(exc, (_RetryableHTTPError, OSError)) and not self._abort.is_set()
-                )
-            ),
-            before_sleep=count_retry,
-            sleep=self._sleep,
-            reraise=True,
-        )
         try:
-            retrying(self._post, body)
+            retrying(
+                attempts=self.max_attempts,
+                backoff=self.backoff,
+                max_backoff=self.max_backoff,
+                retry_if=lambda exc: transient(exc) and not self._abort.is_set(),
+                before_sleep=count_retry,
+                sleep=self._sleep,
+            )(self._post, body)
             return True
         except Exception as exc:
             get_logger(request_id=event.request_id).warning(
@@ -501,6 +489,6 @@ class WebhookSink:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
-            if exc.code in (408, 429) or exc.code >= 500:
-                raise _RetryableHTTPError(f"HTTP {exc.code} from {self.url}") from exc
+            if transient(HTTPStatusError(self.url, exc.code)):
+                raise HTTPStatusError(self.url, exc.code, f"from {self.url}") from exc
             raise GuardrailError(f"webhook {self.url} rejected the event: HTTP {exc.code}") from exc

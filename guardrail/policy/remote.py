@@ -42,10 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import (
     RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
 )
 from tenacity.stop import stop_base
 
@@ -58,6 +54,7 @@ from guardrail.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
+from guardrail.http import HTTPStatusError, retrying, transient
 from guardrail.logs import get_logger
 from guardrail.policy.bundle import MANIFEST, SIGNATURE, TENSORS, PolicyBundle
 from guardrail.policy.history import DowngradeHook, PolicyDowngrade
@@ -83,25 +80,12 @@ __all__ = [
 log = get_logger(component="registry")
 
 
-class _HTTPStatus(Exception):
-    def __init__(self, url: str, code: int, reason: str):
-        super().__init__(f"HTTP {code} {reason}".strip())
-        self.url, self.code, self.reason = url, code, reason
-
-
 class _DeadlineExceeded(Exception):
     """The overall deadline of a registry call passed (never retried)."""
 
 
 def _attempts(n: int) -> str:
     return f"{n} attempt" if n == 1 else f"{n} attempts"
-
-
-def _transient(exc: BaseException) -> bool:
-    """Retry connection problems, timeouts, 5xx and 429; never 404 or other 4xx."""
-    if isinstance(exc, _HTTPStatus):
-        return exc.code >= 500 or exc.code == 429
-    return isinstance(exc, (OSError, http.client.HTTPException))
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -392,7 +376,7 @@ class RemoteRegistry:
                     data: bytes = response.read(self.max_bytes + 1)
             except urllib.error.HTTPError as exc:
                 exc.close()
-                raise _HTTPStatus(url, exc.code, str(exc.reason)) from None
+                raise HTTPStatusError(url, exc.code, str(exc.reason)) from None
             except OSError:
                 if time.monotonic() >= deadline:  # e.g. a connect cut short by the deadline
                     raise _DeadlineExceeded from None
@@ -405,15 +389,14 @@ class RemoteRegistry:
             exc = state.outcome.exception() if state.outcome else None
             log.warning("registry.retry", url=url, attempt=state.attempt_number, error=str(exc))
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.retries + 1) | _stop_at(deadline),
-            wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
-            retry=retry_if_exception(_transient),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
         try:
-            return retrying(once)
+            return retrying(
+                attempts=self.retries + 1,
+                backoff=self.backoff,
+                max_backoff=self.max_backoff,
+                stop=_stop_at(deadline),
+                before_sleep=before_sleep,
+            )(once)
         except _DeadlineExceeded:
             raise RegistryUnavailableError(
                 f"GET {url}: no complete answer within the deadline of {self.deadline_s:g} s "
@@ -421,12 +404,12 @@ class RemoteRegistry:
                 "too slow or stalled. Retry later, or raise the limit with "
                 "RemoteRegistry(..., deadline_s=...)"
             ) from None
-        except _HTTPStatus as exc:
+        except HTTPStatusError as exc:
             if exc.code == 404:
                 if missing_ok:
                     return None
                 raise PolicyNotFoundError(f"GET {url}: not found (HTTP 404)") from None
-            if _transient(exc):
+            if transient(exc):
                 raise RegistryUnavailableError(
                     f"GET {url} failed after {_attempts(attempts)}: {exc}; the registry is down or "
                     "overloaded, retry later"
