@@ -30,10 +30,11 @@ from guardrail.messages import (
     Conversation,
     InputLimits,
     as_single_conversation,
+    conversation_text,
     is_single_conversation,
     parse_conversation,
 )
-from guardrail.observability.events import EventDispatcher, EventSink, build_events, prompt_text
+from guardrail.observability.events import EventDispatcher, EventSink, build_events
 from guardrail.observability.telemetry import Telemetry
 from guardrail.observability.telemetry import model_name as _model_name
 from guardrail.policy import PolicyBundle
@@ -490,7 +491,7 @@ class Guardrail:
         events = build_events(
             results,
             tau=None,
-            prompts=[prompt_text(m) for m in batch] if self.events.capture_content else None,
+            prompts=[conversation_text(m) for m in batch] if self.events.capture_content else None,
             capture_content=self.events.capture_content,
             span_ids=observed.span_ids(),
         )

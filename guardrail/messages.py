@@ -49,6 +49,8 @@ __all__ = [
     "Conversation",
     "InputLimits",
     "as_single_conversation",
+    "conversation_text",
+    "message_parts",
     "is_single_conversation",
     "parse_conversation",
 ]
@@ -77,12 +79,46 @@ class Conversation:
 
     def text(self) -> str:
         """All text parts joined, for content capture and detectors."""
-        return "\n".join(
-            part["text"]
-            for message in self.messages
-            for part in message["content"]
-            if part["type"] == "text"
-        )
+        return conversation_text(self.messages)
+
+
+def message_parts(messages: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Each message of a raw, unvalidated conversation as ``(role, parts)``, text parts
+    normalised to ``{"type": "text", "text": ...}`` and other parts kept as they are.
+
+    Never raises: it reads what a caller passed (for events and spans) before or
+    without :func:`parse_conversation`; anything unreadable is left out.
+    """
+    if isinstance(messages, str) or _is_message(messages):
+        messages = [messages]
+    out: list[tuple[str, list[dict[str, Any]]]] = []
+    for message in messages if isinstance(messages, Sequence) else ():
+        if isinstance(message, str):
+            message = {"role": "user", "content": message}
+        if not isinstance(message, Mapping):
+            continue
+        content = message.get("content")
+        items = [content] if isinstance(content, str) else content
+        parts: list[dict[str, Any]] = []
+        for item in items if isinstance(items, Sequence) else ():
+            if isinstance(item, str):
+                parts.append({"type": "text", "text": item})
+            elif isinstance(item, Mapping) and item.get("type") == "text":
+                parts.append({"type": "text", "text": str(item.get("text", ""))})
+            elif isinstance(item, Mapping):
+                parts.append(dict(item))
+        out.append((str(message.get("role")), parts))
+    return out
+
+
+def conversation_text(messages: Any) -> str:
+    """All text of a conversation (raw or parsed), joined by newlines."""
+    return "\n".join(
+        part["text"]
+        for _, parts in message_parts(messages)
+        for part in parts
+        if part.get("type") == "text"
+    )
 
 
 def _is_message(obj: Any) -> bool:

@@ -57,7 +57,6 @@ __all__ = [
     "StructlogSink",
     "WebhookSink",
     "build_events",
-    "prompt_text",
     "would_intervene",
 ]
 
@@ -198,24 +197,6 @@ def build_events(
                 )
             )
     return events
-
-
-def prompt_text(messages: Any) -> str:
-    """All text of a raw conversation (string, or message dicts with string/part content)."""
-    if isinstance(messages, str):
-        return messages
-    texts: list[str] = []
-    for message in messages if isinstance(messages, Sequence) else ():
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, Sequence):
-            for part in content:
-                if isinstance(part, str):
-                    texts.append(part)
-                elif isinstance(part, Mapping) and part.get("type") == "text":
-                    texts.append(str(part.get("text", "")))
-    return "\n".join(texts)
 
 
 # ---------------------------------------------------------------------------- sinks

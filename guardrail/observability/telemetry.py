@@ -41,6 +41,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from guardrail._version import __version__
+from guardrail.messages import message_parts
 from guardrail.observability.events import would_intervene
 
 if TYPE_CHECKING:
@@ -289,23 +290,19 @@ def _span_attributes(result: GuardrailResult) -> dict[str, Any]:
 
 def input_messages(messages: Any) -> list[dict[str, Any]]:
     """A raw conversation in the GenAI ``gen_ai.input.messages`` shape (media as a part type only)."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    out = []
-    for message in messages:
-        content = message.get("content")
-        items = [content] if isinstance(content, str) else list(content or [])
-        parts: list[dict[str, Any]] = []
-        for item in items:
-            if isinstance(item, str):
-                parts.append({"type": "text", "content": item})
-            elif isinstance(item, Mapping) and item.get("type") == "text":
-                parts.append({"type": "text", "content": str(item.get("text", ""))})
-            elif isinstance(item, Mapping):
+    return [
+        {
+            "role": role,
+            "parts": [
                 # Media parts by type only: image and video bytes are never exported.
-                parts.append({"type": str(item.get("type"))})
-        out.append({"role": str(message.get("role")), "parts": parts})
-    return out
+                {"type": "text", "content": p["text"]}
+                if p.get("type") == "text"
+                else {"type": str(p.get("type"))}
+                for p in parts
+            ],
+        }
+        for role, parts in message_parts(messages)
+    ]
 
 
 def output_messages(result: GuardrailResult) -> list[dict[str, Any]]:

@@ -165,9 +165,9 @@ def test_image_block_formats_reach_the_model(
         ([{"type": "image", "url": "http://example.com/cat.png"}], "not fetched"),
         (
             [{"type": "image", "base64": "@@not base64@@", "mime_type": "image/png"}],
-            "not valid base64",
+            "valid base64",
         ),
-        ([{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}], "base64 encoded"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}], "is not a base64 image"),
         ([{"type": "image", "source_type": "id", "id": "file-123"}], "file ids"),
         ([{"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}], "type 'audio'"),
     ],
