@@ -11,22 +11,10 @@ from __future__ import annotations
 
 import sys
 
+from _models import build
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.llms.mars_guardrail import MarsGuardrailLLM
-
-from guardrail import Guardrail
-from guardrail.models import organism
-from guardrail.models.loading import load_model
-
-
-def build(model_name: str) -> Guardrail:
-    model, processor = load_model(model_name)
-    if model_name == "organism":
-        return Guardrail(model, processor, organism.POLICY_DIR, max_new_tokens=24)
-    from guardrail.testing import tiny_policy
-
-    return Guardrail(model, processor, tiny_policy(model, processor, tau=-10.0), max_new_tokens=8)
 
 
 def main(model_name: str = "organism") -> None:
