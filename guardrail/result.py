@@ -72,6 +72,7 @@ DECISION_FIELDS = frozenset(
         "layer",
         "policy_name",
         "policy_version",
+        "rollout_arm",
         "mode",
         "modalities",
         "latency_s",

@@ -287,3 +287,36 @@ def test_library_logger_binds_request_context() -> None:
         "mode": "shadow",
     }
     assert logs[1] == {"event": "plain", "log_level": "warning"}
+
+
+def test_the_rollout_arm_is_on_every_span_and_metric(otel: Otel, tmp_path) -> None:
+    guard = guard_for(otel)
+    stable = guard.policy.save_pretrained(tmp_path / "stable")
+    canary = guard.policy.with_version("1.1.0").save_pretrained(tmp_path / "canary")
+    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": 0.5}})
+    keys = [f"user-{k}" for k in range(12)]
+    results = guard.generate(["Hi"] * len(keys), key=keys)
+    arms = {r.rollout_arm for r in results}
+    assert arms == {"stable", "canary"}
+    spans = otel.spans()
+    assert len(spans) == len(keys)
+    for span, result in zip(
+        sorted(spans, key=lambda s: s.attributes["gen_ai.response.id"]),
+        sorted(results, key=lambda r: r.request_id),
+        strict=True,
+    ):
+        assert span.attributes["guardrail.rollout.arm"] == result.rollout_arm
+        assert span.attributes["guardrail.policy.version"] == result.policy_version
+    counted = {
+        (
+            dict(p.attributes)["guardrail.rollout.arm"],
+            dict(p.attributes)["guardrail.policy.version"],
+        ): p.value
+        for _, p in otel.points("guardrail.requests")
+    }
+    expected: dict[tuple[str, str], int] = {}
+    for r in results:
+        expected[r.rollout_arm, r.policy_version] = (
+            expected.get((r.rollout_arm, r.policy_version), 0) + 1
+        )
+    assert counted == expected

@@ -16,15 +16,15 @@ rows share one forward pass). Attributes:
   request id), ``gen_ai.response.finish_reasons``, ``gen_ai.usage.input_tokens``,
   ``gen_ai.usage.output_tokens``;
 * ``guardrail.policy.name``, ``guardrail.policy.version``, ``guardrail.mode``,
-  ``guardrail.layer``, ``guardrail.score``, ``guardrail.strength``,
+  ``guardrail.rollout.arm`` (stable, canary or killed, under a rollout), ``guardrail.layer``, ``guardrail.score``, ``guardrail.strength``,
   ``guardrail.intervened``, ``guardrail.refused`` (and ``guardrail.error`` when the
   policy could not be applied);
 * a span event ``guardrail.refusal`` when the output refused;
 * ``gen_ai.input.messages`` / ``gen_ai.output.messages`` (JSON strings) only when
   ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``.
 
-Metrics, attributes ``guardrail.policy.name``, ``guardrail.policy.version`` and
-``guardrail.mode``: counters ``guardrail.requests``, ``guardrail.interventions``
+Metrics, attributes ``guardrail.policy.name``, ``guardrail.policy.version``,
+``guardrail.rollout.arm`` (under a rollout) and ``guardrail.mode``: counters ``guardrail.requests``, ``guardrail.interventions``
 (in shadow mode: the requests MARS would have steered), ``guardrail.refusals``;
 histograms ``guardrail.score`` and ``guardrail.latency`` (s).
 """
@@ -264,6 +264,7 @@ def _metric_attributes(result: GuardrailResult) -> dict[str, str]:
     labels = {
         "guardrail.policy.name": result.policy_name,
         "guardrail.policy.version": result.policy_version,
+        "guardrail.rollout.arm": result.rollout_arm,
         "guardrail.mode": result.mode,
     }
     return {k: v for k, v in labels.items() if v is not None}
@@ -277,6 +278,7 @@ def _span_attributes(result: GuardrailResult) -> dict[str, Any]:
         "gen_ai.usage.output_tokens": result.usage.output_tokens,
         "guardrail.policy.name": result.policy_name,
         "guardrail.policy.version": result.policy_version,
+        "guardrail.rollout.arm": result.rollout_arm,
         "guardrail.mode": result.mode,
         "guardrail.layer": result.layer,
         "guardrail.score": result.score,

@@ -329,3 +329,15 @@ def test_fail_closed_block_is_reported(image_b64: str) -> None:
     assert reply.response_metadata["guardrail"]["error"]
     ((name, data, _),) = recorder.events
     assert name == "guardrail.refusal" and data["blocked"] is True
+
+
+def test_the_rollout_arm_and_version_reach_the_response(tmp_path) -> None:
+    from guardrail.testing import tiny_guardrail
+
+    guard = tiny_guardrail("llava", name="lc-test", version="1.2.3")
+    stable = guard.policy.save_pretrained(tmp_path / "stable")
+    canary = guard.policy.with_version("1.3.0").save_pretrained(tmp_path / "canary")
+    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": 1.0}})
+    chat = ChatMarsGuardrail(guardrail=guard)
+    decision = chat.invoke("Hi", key="user-1").response_metadata["guardrail"]
+    assert (decision["rollout_arm"], decision["policy_version"]) == ("canary", "1.3.0")

@@ -199,3 +199,16 @@ def test_fail_closed_block_is_a_refusal_event(recorder: Any) -> None:
     assert refusal.event.blocked is True
     assert refusal.event.error == response.additional_kwargs["guardrail"]["error"]
     assert not any(isinstance(e, GuardrailInterventionEvent) for e in recorder.events)
+
+
+def test_the_rollout_arm_and_version_reach_the_response(tmp_path) -> None:
+    from guardrail.testing import tiny_guardrail
+
+    guard = tiny_guardrail("llava", name="li-test", version="1.2.3")
+    stable = guard.policy.save_pretrained(tmp_path / "stable")
+    canary = guard.policy.with_version("1.3.0").save_pretrained(tmp_path / "canary")
+    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": 1.0}})
+    llm = MarsGuardrailLLM(guardrail=guard)
+    response = llm.chat([ChatMessage(role=MessageRole.USER, content="Hi")], key="user-1")
+    decision = response.additional_kwargs["guardrail"]
+    assert (decision["rollout_arm"], decision["policy_version"]) == ("canary", "1.3.0")
