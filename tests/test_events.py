@@ -231,12 +231,12 @@ def test_jsonl_sink_appends_one_object_per_line_from_many_threads(tmp_path) -> N
         t.join()
     sink.close()
     lines = path.read_text().splitlines()
-    assert len(lines) == 2 + 8 * 50
+    assert len(lines) == 3 + 8 * 50  # the request's decision record and events, then the spam
     records = [json.loads(line) for line in lines]
-    assert [r["kind"] for r in records[:2]] == ["intervention", "refusal"]
-    assert records[0]["request_id"] == result.request_id
-    assert all(r == records[2] for r in records[2:])
-    assert RefusalEvent.model_validate_json(lines[1]).request_id == result.request_id
+    assert [r["kind"] for r in records[:3]] == ["decision", "intervention", "refusal"]
+    assert {r["request_id"] for r in records[:3]} == {result.request_id}
+    assert all(r == records[3] for r in records[3:])
+    assert RefusalEvent.model_validate_json(lines[2]).request_id == result.request_id
     with pytest.raises(GuardrailError, match="closed"):
         sink.emit(event)
     # Appends, never truncates.

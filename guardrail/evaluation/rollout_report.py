@@ -2,7 +2,10 @@
 
 :func:`report_events` summarises JSON Lines events per arm and version and flags a
 canary whose intervention or refusal rate differs from stable by more than a
-tolerance (``guardrail rollout report``, exit code 5 when flagged).
+tolerance, or that has no stable baseline to compare with (``guardrail rollout
+report``, exit code 5 when flagged). Rates come from the decision records (one per
+request, written by :class:`~guardrail.observability.events.JsonlSink` by default)
+when the log holds them, each with its 95 % Wilson interval.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from guardrail.calibration.metrics import quantile
+from guardrail.calibration.metrics import quantile, wilson_interval
 from guardrail.errors import InputError
 
 __all__ = ["ArmStats", "Comparison", "RolloutReport", "report_events", "two_proportion_z"]
@@ -62,6 +65,8 @@ class ArmStats(BaseModel):
     refusals: int
     intervention_rate: float
     refusal_rate: float
+    intervention_ci: tuple[float, float] = Field(description="95 % Wilson interval")
+    refusal_ci: tuple[float, float] = Field(description="95 % Wilson interval")
     score_p10: float | None
     score_p50: float | None
     score_p90: float | None
@@ -96,11 +101,20 @@ class RolloutReport(BaseModel):
     arms: list[ArmStats]
     comparisons: list[Comparison]
     warnings: list[str]
+    problems: list[str] = Field(
+        default_factory=list,
+        description="reasons the canary cannot be judged (e.g. no stable baseline): flagged",
+    )
+    decision_records: bool = Field(
+        False, description="rates come from one decision record per request"
+    )
 
     @property
     def flagged(self) -> bool:
-        """True when some canary metric differs from stable by more than the tolerance."""
-        return any(c.flagged for c in self.comparisons)
+        """True when some canary metric differs from stable by more than the tolerance,
+        or a canary cannot be compared with stable at all (a check that cannot be made
+        must not pass)."""
+        return any(c.flagged for c in self.comparisons) or bool(self.problems)
 
     def to_text(self) -> str:
         """A plain-text table for terminals."""
@@ -114,7 +128,8 @@ class RolloutReport(BaseModel):
         ]
         out += [f"  skipped {example}" for example in self.skipped_examples]
         header = (
-            f"{'arm':8} {'policy':24} {'mode':8} {'requests':>8} {'interv.':>8} {'refusal':>8} "
+            f"{'arm':8} {'policy':24} {'mode':8} {'requests':>8} {'interv. (95% CI)':>22} "
+            f"{'refusal (95% CI)':>22} "
             f"{'score p10/p50/p90':>24} {'latency p50/p95':>18}"
         )
         out += ["", header, "-" * len(header)]
@@ -126,8 +141,9 @@ class RolloutReport(BaseModel):
             scores = "/".join(num(v, ".3f") for v in (a.score_p10, a.score_p50, a.score_p90))
             latency = f"{num(a.latency_p50, '.3f')}s/{num(a.latency_p95, '.3f')}s"
             out.append(
-                f"{a.arm:8} {a.policy:24} {a.mode:8} {a.requests:8d} {a.intervention_rate:8.1%} "
-                f"{a.refusal_rate:8.1%} {scores:>24} {latency:>18}"
+                f"{a.arm:8} {a.policy:24} {a.mode:8} {a.requests:8d} "
+                f"{_rate(a.intervention_rate, a.intervention_ci):>22} "
+                f"{_rate(a.refusal_rate, a.refusal_ci):>22} {scores:>24} {latency:>18}"
             )
         if self.comparisons:
             out.append("")
@@ -139,8 +155,13 @@ class RolloutReport(BaseModel):
                 f"{c.stable_rate:.1%} ({c.difference * 100:+.1f} pp, z={c.z:.2f}, "
                 f"p={c.p_value:.3g}) {verdict}"
             )
+        out += [f"FLAGGED: {p}" for p in self.problems]
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
+
+
+def _rate(rate: float, ci: tuple[float, float]) -> str:
+    return f"{rate:.1%} ({ci[0]:.0%}-{ci[1]:.0%})"
 
 
 def two_proportion_z(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
@@ -164,7 +185,7 @@ class _Request:
 
 
 def _read_events(
-    lines: Iterable[str],
+    lines: Iterable[str], only_kind: str | None = None
 ) -> tuple[int, int, list[str], dict[tuple[str, str, str], dict[str, _Request]], set[str | None]]:
     total = skipped = 0
     examples: list[str] = []
@@ -184,6 +205,8 @@ def _read_events(
                 examples.append(f"line {number}: {loc + ': ' if loc else ''}{err['msg']}")
             continue
         kinds.add(event.kind)
+        if only_kind is not None and event.kind != only_kind:
+            continue
         arm = event.rollout_arm or "-"
         policy = f"{event.policy_name}@{event.policy_version}" if event.policy_name else "-"
         requests = groups.setdefault((arm, policy, event.mode), {})
@@ -223,6 +246,9 @@ def report_events(
     try:
         with source.open(encoding="utf-8", errors="replace") as fh:
             total, skipped, examples, groups, kinds = _read_events(fh)
+        if "decision" in kinds:  # one record per request: count those, nothing else
+            with source.open(encoding="utf-8", errors="replace") as fh:
+                total, skipped, examples, groups, kinds = _read_events(fh, only_kind="decision")
     except OSError as exc:
         raise InputError(f"cannot read events file {str(source)!r}: {exc}") from exc
 
@@ -247,6 +273,8 @@ def report_events(
                 refusals=refusals,
                 intervention_rate=interventions / n,
                 refusal_rate=refusals / n,
+                intervention_ci=wilson_interval(interventions, n),
+                refusal_ci=wilson_interval(refusals, n),
                 score_p10=_quantile(scores, 0.10),
                 score_p50=_quantile(scores, 0.50),
                 score_p90=_quantile(scores, 0.90),
@@ -256,12 +284,15 @@ def report_events(
         )
 
     warnings: list[str] = []
+    problems: list[str] = []
     comparisons: list[Comparison] = []
     for canary in (a for a in arms if a.arm == "canary"):
         stable = [a for a in arms if a.arm == "stable" and a.mode == canary.mode]
         if not stable:
-            warnings.append(
-                f"canary {canary.policy} [{canary.mode}] has no stable requests to compare with"
+            problems.append(
+                f"canary {canary.policy} [{canary.mode}] has no stable requests to compare with; "
+                "log one decision record per request (JsonlSink does by default) so that "
+                "requests that neither intervene nor refuse are counted"
             )
             continue
         n2 = sum(a.requests for a in stable)
@@ -285,10 +316,12 @@ def report_events(
                     flagged=flagged,
                 )
             )
-    if kinds and kinds <= {"intervention", "refusal"}:
+    records = "decision" in kinds
+    if kinds and not records:
         warnings.append(
-            "the log holds only intervention/refusal events, so requests with neither are missing "
-            "and rates are over logged requests only; log one record per request for true rates"
+            "the log holds no decision records, only intervention/refusal events, so requests "
+            "with neither are missing and rates are over logged requests only; log one "
+            "decision record per request (JsonlSink(path), decision_records=True) for true rates"
         )
     if not groups:
         warnings.append("no valid events in the file")
@@ -304,4 +337,6 @@ def report_events(
         arms=arms,
         comparisons=comparisons,
         warnings=warnings,
+        problems=problems,
+        decision_records=records,
     )

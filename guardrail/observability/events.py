@@ -7,6 +7,10 @@ Two kinds of event, both pydantic models:
   ``tau``; ``would_intervene=True``, ``intervened=False``, output unchanged).
 * :class:`RefusalEvent` - the returned output is a refusal, including fail-closed
   blocks (``blocked=True``, ``error`` carries the reason).
+* :class:`DecisionRecord` - one per request, whatever happened: the decision log a
+  rollout report compares arms on (requests that neither intervene nor refuse write
+  no other event). Sinks opt in with ``decision_records=True``; :class:`JsonlSink`
+  does by default, the others do not.
 
 A sink is anything with ``emit(event) -> None`` (:class:`EventSink`), and optionally
 ``close()``. Built-in sinks: :class:`StructlogSink`, :class:`OpenTelemetrySink`,
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CallbackSink",
+    "DecisionRecord",
     "EventDispatcher",
     "EventSink",
     "GuardrailEvent",
@@ -117,6 +122,17 @@ class RefusalEvent(GuardrailEvent):
     )
 
 
+class DecisionRecord(GuardrailEvent):
+    """The guardrail's decision on one request, written for every request."""
+
+    kind: Literal["decision"] = "decision"
+    intervened: bool = Field(description="steering changed the generation (enforce mode)")
+    would_intervene: bool = Field(
+        False, description="the score crossed the gate (in shadow mode the output was unchanged)"
+    )
+    blocked: bool = Field(False, description="fail-closed: the request was blocked")
+
+
 def would_intervene(result: GuardrailResult, tau: float | None) -> bool:
     """Whether MARS steered ``result`` (enforce) or would have (shadow: score above ``tau``).
 
@@ -142,7 +158,8 @@ def build_events(
     rollout_arm: str | None = None,
     span_ids: Sequence[tuple[str, str] | None] | None = None,
 ) -> list[GuardrailEvent]:
-    """The events of a batch of results, in row order (intervention before refusal)."""
+    """The events of a batch of results, in row order: each request's decision record,
+    then its intervention and refusal events."""
     events: list[GuardrailEvent] = []
     for row, result in enumerate(results):
         ids = span_ids[row] if span_ids is not None else None
@@ -166,6 +183,14 @@ def build_events(
             common["prompt"] = prompts[row] if prompts is not None else None
             common["output"] = result.text
         gate = tau if tau is not None else result.tau
+        events.append(
+            DecisionRecord(
+                **common,
+                intervened=result.intervened and result.finish_reason != "guardrail_error",
+                would_intervene=would_intervene(result, tau),
+                blocked=result.finish_reason == "guardrail_error",
+            )
+        )
         if would_intervene(result, tau):
             events.append(
                 InterventionEvent(
@@ -228,6 +253,8 @@ class EventDispatcher:
             return
         for event in events:
             for sink in sinks:
+                if event.kind == "decision" and not getattr(sink, "decision_records", False):
+                    continue
                 try:
                     sink.emit(event)
                 except Exception as exc:  # a sink must never break generation
@@ -263,7 +290,8 @@ def _span_attributes(event: GuardrailEvent) -> dict[str, Any]:
 class CallbackSink:
     """Calls ``fn(event)`` for every event."""
 
-    def __init__(self, fn: Callable[[GuardrailEvent], Any]):
+    def __init__(self, fn: Callable[[GuardrailEvent], Any], *, decision_records: bool = False):
+        self.decision_records = decision_records
         if not callable(fn):
             raise GuardrailError(f"CallbackSink needs a callable, got {type(fn).__name__}")
         self.fn = fn
@@ -278,7 +306,10 @@ class StructlogSink:
     Uses the library logger unless ``logger`` is given; never configures structlog.
     """
 
-    def __init__(self, logger: Any | None = None, *, level: str = "info"):
+    def __init__(
+        self, logger: Any | None = None, *, level: str = "info", decision_records: bool = False
+    ):
+        self.decision_records = decision_records
         self.logger = logger if logger is not None else get_logger()
         self.level = level
 
@@ -296,7 +327,8 @@ class OpenTelemetrySink:
     Without a recording span this sink does nothing.
     """
 
-    def __init__(self, span: Any | None = None):
+    def __init__(self, span: Any | None = None, *, decision_records: bool = False):
+        self.decision_records = decision_records
         self.span = span
 
     def emit(self, event: GuardrailEvent) -> None:
@@ -310,9 +342,15 @@ class OpenTelemetrySink:
 
 
 class JsonlSink:
-    """Appends each event as one JSON object per line to ``path`` (thread-safe, flushed)."""
+    """Appends each event as one JSON object per line to ``path`` (thread-safe, flushed).
 
-    def __init__(self, path: str | os.PathLike[str]):
+    Writes a :class:`DecisionRecord` for every request by default (the log
+    ``guardrail rollout report`` compares arms on); ``decision_records=False`` keeps
+    only intervention and refusal events.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, decision_records: bool = True):
+        self.decision_records = decision_records
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -360,7 +398,9 @@ class WebhookSink:
         backoff: float = 0.2,
         max_backoff: float = 10.0,
         queue_size: int = 1000,
+        decision_records: bool = False,
     ):
+        self.decision_records = decision_records
         if not url.startswith(("http://", "https://")):
             raise GuardrailError(f"webhook url {url!r} must start with http:// or https://")
         if max_attempts < 1:

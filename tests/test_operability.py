@@ -1,0 +1,84 @@
+"""Operating the guardrail as a user would (issue 27): the decision log and the canary
+report, the rollout arm everywhere, safe defaults."""
+
+from __future__ import annotations
+
+import json
+
+from guardrail import Guardrail
+from guardrail.cli import EXIT_CANARY_FLAGGED, EXIT_OK, main
+from guardrail.observability.events import CallbackSink, JsonlSink
+
+from .conftest import random_policy, tiny
+
+PROMPTS = [f"Tell me about topic {k}." for k in range(24)]
+
+
+def _rollout(tmp_path, canary_tau: float, stable_tau: float = 1e6):
+    model, tok = tiny("llama")
+    quiet = random_policy(model, tok, layer=1, name="p", version="1.0.0", tau=stable_tau, lam=4.0)
+    loud = random_policy(model, tok, layer=1, name="p", version="1.1.0", tau=canary_tau, lam=4.0)
+    stable = quiet.save_pretrained(tmp_path / "stable")
+    canary = loud.save_pretrained(tmp_path / "canary")
+    return model, tok, {"stable": str(stable), "canary": {"ref": str(canary), "share": 0.5}}
+
+
+def _serve(tmp_path, canary_tau: float, **sink_kwargs) -> tuple[str, list]:
+    model, tok, config = _rollout(tmp_path, canary_tau)
+    log = tmp_path / "events.jsonl"
+    sink = JsonlSink(log, **sink_kwargs)
+    guard = Guardrail(model, tok, rollout=config, sinks=[sink], max_new_tokens=2)
+    results = guard.generate(PROMPTS, key=[f"user-{k}" for k in range(len(PROMPTS))])
+    sink.close()
+    return str(log), results
+
+
+def test_a_canary_that_steers_everything_is_flagged(tmp_path, capsys):
+    log, results = _serve(tmp_path, canary_tau=-10.0)
+    by_arm = {r.rollout_arm for r in results}
+    assert by_arm == {"stable", "canary"}
+    assert all(r.intervened == (r.rollout_arm == "canary") for r in results)
+    records = [json.loads(line) for line in open(log)]
+    assert sum(r["kind"] == "decision" for r in records) == len(PROMPTS)  # one per request
+    assert main(["rollout", "report", log, "--json"]) == EXIT_CANARY_FLAGGED
+    report = json.loads(capsys.readouterr().out)
+    rates = {a["arm"]: a["intervention_rate"] for a in report["arms"]}
+    assert rates == {"stable": 0.0, "canary": 1.0}
+    assert report["decision_records"] is True
+    canary = next(a for a in report["arms"] if a["arm"] == "canary")
+    assert canary["intervention_ci"][0] > 0.6  # the interval excludes stable's 0 %
+
+
+def test_a_canary_like_stable_passes(tmp_path, capsys):
+    log, _ = _serve(tmp_path, canary_tau=1e6)
+    assert main(["rollout", "report", log]) == EXIT_OK
+    assert "FLAGGED" not in capsys.readouterr().out
+
+
+def test_a_log_without_a_stable_baseline_fails_instead_of_passing(tmp_path, capsys):
+    log, _ = _serve(tmp_path, canary_tau=-10.0, decision_records=False)
+    # Without decision records the quiet stable arm writes nothing at all.
+    assert main(["rollout", "report", log]) == EXIT_CANARY_FLAGGED
+    out = capsys.readouterr().out
+    assert "no stable requests to compare with" in out and "FLAGGED" in out
+
+
+def test_decision_records_go_only_to_sinks_that_ask_for_them(tmp_path):
+    model, tok = tiny("llama")
+    plain, records = [], []
+    guard = Guardrail(
+        model,
+        tok,
+        random_policy(model, tok, layer=1, tau=1e6),
+        sinks=[CallbackSink(plain.append), CallbackSink(records.append, decision_records=True)],
+        max_new_tokens=2,
+    )
+    result = guard.generate("Hello")
+    assert plain == []  # nothing happened: no intervention, no refusal
+    assert [r.kind for r in records] == ["decision"]
+    record = records[0]
+    assert (record.request_id, record.intervened, record.score) == (
+        result.request_id,
+        False,
+        result.score,
+    )
