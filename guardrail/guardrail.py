@@ -39,7 +39,8 @@ from guardrail.observability.telemetry import Telemetry
 from guardrail.observability.telemetry import model_name as _model_name
 from guardrail.policy import PolicyBundle
 from guardrail.policy.plans import build_plans, inapplicable, row_values
-from guardrail.policy.rollout import Rollout, RolloutConfig
+from guardrail.policy.registry import BundleSource
+from guardrail.policy.rollout import Rollout, RolloutConfig, is_path_like
 from guardrail.policy.signing import TrustStore
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
 from guardrail.result import GuardrailResult, ShadowScore, Usage
@@ -111,7 +112,7 @@ class Guardrail:
         model_name: str | None = None,
         trust_store: TrustStore | None = None,
         rollout: Rollout | RolloutConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
-        registry: Any | None = None,
+        registry: BundleSource | None = None,
     ):
         self.adapter = ModelAdapter(model, processor)
         self.model = model
@@ -169,12 +170,28 @@ class Guardrail:
         return cls(model, processor, policy, **kwargs)
 
     def load_policy(self, policy: PolicyBundle | str | os.PathLike[str]) -> PolicyBundle:
-        """Load (if a path) and check a policy: integrity, signature (under a trust
-        store), model fit."""
+        """Load and check a policy: integrity, signature (under a trust store), model fit.
+
+        ``policy`` is a bundle, a bundle directory, or, with a ``registry``, a registry
+        reference such as ``"organism@^1.0"`` (a string that is not a path: no ``/``,
+        not starting with ``.`` or ``~``).
+        """
         from guardrail.policy.signing import load_verified
 
         if isinstance(policy, PolicyBundle):
             return self._admit(policy)
+        if isinstance(policy, str) and not is_path_like(policy):
+            if self.registry is not None:
+                bundle = self.registry.load(
+                    policy, adapter=self.adapter, trust_store=self.trust_store
+                )
+                return self._admit(bundle)
+            if "@" in policy:
+                raise GuardrailError(
+                    f"policy {policy!r} is a registry reference but the guardrail has no "
+                    "registry; pass registry=PolicyRegistry(DIR) (or RemoteRegistry(URL, ...)), "
+                    "or give a bundle directory such as './policies/name/1.0.0'"
+                )
         return self._admit(load_verified(policy, self.trust_store, self.adapter))
 
     def _admit(self, bundle: PolicyBundle) -> PolicyBundle:
@@ -537,6 +554,14 @@ class Guardrail:
         mode = _check_mode(mode or self.mode)
         convs = [parse_conversation(m, limits=self.limits) for m in batch]
         inputs = self.adapter.build_inputs(convs)
+        if mode == "enforce" and any(r.policy is None and r.arm != "killed" for r in routes):
+            # Never answer unguarded by omission (the kill switch's arm is on purpose).
+            raise GuardrailError(
+                "mode='enforce' but no policy serves this request, so it would be answered "
+                "unguarded; attach one (Guardrail(..., policy=DIR, or policy='name@range' with "
+                "registry=), generate(..., policy=bundle), or a rollout), or ask for unguarded "
+                "output explicitly with mode='off'"
+            )
         mask = inputs["attention_mask"]
         kwargs = self._generate_kwargs(generate_kwargs, cancel)
         expand, per_conv = self._expansion(kwargs)

@@ -358,7 +358,7 @@ def test_unsupported_modality_and_model_errors():
     from guardrail.errors import InputError, UnsupportedModelError
 
     model, tok = tiny("llama")
-    guard = Guardrail(model, tok)
+    guard = Guardrail(model, tok, mode="off")
     with pytest.raises(InputError, match="does not accept image"):
         guard.generate(conversations("llava")[2])
 

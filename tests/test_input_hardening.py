@@ -203,7 +203,7 @@ def test_a_single_message_dict_is_one_conversation():
     conv = parse_conversation(message)
     assert conv.messages == [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
     model, tok = tiny("llama")
-    result = Guardrail(model, tok).generate(message, max_new_tokens=2)
+    result = Guardrail(model, tok, mode="off").generate(message, max_new_tokens=2)
     assert isinstance(result, GuardrailResult)
     # a list of conversations is still a batch, a list of messages one conversation
     assert not is_single_conversation([[message], [message]])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from guardrail import Guardrail
 from guardrail.cli import EXIT_CANARY_FLAGGED, EXIT_OK, main
 from guardrail.observability.events import CallbackSink, JsonlSink
@@ -82,3 +84,29 @@ def test_decision_records_go_only_to_sinks_that_ask_for_them(tmp_path):
         False,
         result.score,
     )
+
+
+def test_enforce_without_a_policy_is_an_error_not_unguarded_output(capsys):
+    from guardrail import GuardrailError
+
+    model, tok = tiny("llama")
+    guard = Guardrail(model, tok)  # enforce by default, nothing attached
+    with pytest.raises(GuardrailError, match="mode='off'"):
+        guard.generate("Hello", max_new_tokens=2)
+    assert guard.generate("Hello", mode="off", max_new_tokens=2).intervened is False
+    code = main(["generate", "--model", "tiny-llama", "--prompt", "Hello", "--max-new-tokens", "2"])
+    assert code == 1 and "no policy serves this request" in capsys.readouterr().err
+
+
+def test_a_policy_reference_is_resolved_through_the_registry(tmp_path):
+    from guardrail import GuardrailError
+    from guardrail.policy.registry import PolicyRegistry
+
+    model, tok = tiny("llama")
+    registry = PolicyRegistry(tmp_path)
+    for version in ("1.0.0", "1.2.0", "2.0.0"):
+        registry.publish(random_policy(model, tok, layer=1, name="p", version=version))
+    guard = Guardrail(model, tok, "p@^1.0", registry=registry)
+    assert guard.policy.ref == "p@1.2.0"
+    with pytest.raises(GuardrailError, match="registry="):
+        Guardrail(model, tok, "p@^1.0")

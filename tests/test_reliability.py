@@ -226,7 +226,7 @@ def test_enforce_fails_closed_when_policy_cannot_be_applied():
     assert "no re-centring offset for image" in closed.error
     assert closed.text == "I can't help with that request."
 
-    plain = Guardrail(model, processor).generate(image_conv, max_new_tokens=4)
+    plain = Guardrail(model, processor, mode="off").generate(image_conv, max_new_tokens=4)
     opened = Guardrail(model, processor, text_only, on_error="fail_open").generate(
         image_conv, max_new_tokens=4
     )

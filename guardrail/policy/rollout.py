@@ -228,7 +228,9 @@ class _State:
     by_ref: Mapping[str, PolicyBundle]  # the config's reference strings -> loaded bundles
 
 
-def _is_path(text: str) -> bool:
+def is_path_like(text: str) -> bool:
+    """Whether a policy string names a bundle directory rather than a registry
+    reference: it holds a path separator or starts with ``.`` or ``~``."""
     return "/" in text or "\\" in text or text.startswith((".", "~"))
 
 
@@ -298,7 +300,7 @@ class Rollout:
         if ref in pinned:
             return pinned[ref]
         try:
-            if _is_path(ref):
+            if is_path_like(ref):
                 path = Path(ref).expanduser()
                 if not path.is_absolute() and self.base_dir is not None:
                     path = self.base_dir / path
