@@ -28,13 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from guardrail.models.organism import lora  # noqa: E402
 from guardrail.models.organism.model import (  # noqa: E402
     LORA_STAGES,
     base_model,
     language_layers,
     reading_vocab,
 )
-from organism import build, lora  # noqa: E402
+from organism import build  # noqa: E402
 
 
 def _step(model: Any, items: list[dict[str, Any]], pad: int, overhead: float) -> float:

@@ -17,7 +17,8 @@ N = 24  # test-split prompts per set
 
 @pytest.fixture(scope="module")
 def report():
-    from guardrail import Guardrail, organism
+    from guardrail import Guardrail
+    from guardrail.models import organism
 
     model, processor = organism.load()
     guard = Guardrail(model, processor, POLICY)
