@@ -156,3 +156,25 @@ def test_score_positions_round_trip_and_old_bundles_keep_their_bytes(tmp_path, t
     written = json.loads((tmp_path / "p" / MANIFEST).read_text())
     assert "score_positions" not in written["parameters"]
     assert PolicyBundle.from_pretrained(tmp_path / "p").parameters.score_positions == 1
+
+
+def test_released_bundles_are_never_rewritten():
+    """Every bundle under policies/ is a release recorded in policies/releases.json; a
+    recalibration is a new version, so a changed digest fails here (issue 27)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "policies"
+    releases = json.loads((root / "releases.json").read_text())
+    found = {}
+    for manifest in sorted(root.glob("*/*/manifest.json")):
+        bundle = PolicyBundle.from_pretrained(manifest.parent)
+        found[bundle.ref] = {
+            "manifest_digest": bundle.manifest.digest,
+            "tensors": bundle.manifest.files[TENSORS],
+        }
+        assert manifest.parent.relative_to(root).as_posix() == f"{bundle.name}/{bundle.version}"
+    assert found == releases, (
+        "a released policy version changed or a bundle is unrecorded; publish a new version "
+        "instead of rewriting one, and add it to policies/releases.json"
+    )

@@ -344,3 +344,17 @@ def test_publish_round_trip_through_directory(registry, tmp_path):
     other.publish(registry.root / "test" / "1.0.0")
     assert other.list() == {"test": ["1.0.0"]}
     assert isinstance(other.load("test"), PolicyBundle)
+
+
+def test_publishing_a_release_again_is_a_no_op_and_other_content_is_refused(tmp_path):
+    model, tok = tiny("llama")
+    registry = PolicyRegistry(tmp_path)
+    bundle = random_policy(model, tok, layer=1, name="p", version="1.0.0")
+    path = registry.publish(bundle)
+    before = (path / "manifest.json").read_bytes()
+    assert registry.publish(bundle) == path  # the same release again: nothing changes
+    assert (path / "manifest.json").read_bytes() == before
+    changed = bundle.with_parameters(tau=0.9)
+    with pytest.raises(RegistryError, match="immutable"):
+        registry.publish(changed)
+    assert registry.load("p@1.0.0").parameters.tau == bundle.parameters.tau

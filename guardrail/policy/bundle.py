@@ -327,6 +327,15 @@ class PolicyBundle:
         )
         return PolicyBundle(manifest, self.tensors)
 
+    def _tensor_blob(self) -> bytes:
+        return save_safetensors(dict(self.tensors), metadata={"format": "pt"})
+
+    def sealed_manifest(self) -> Manifest:
+        """The manifest exactly as :meth:`save_pretrained` writes it (tensor hash and
+        digest set): what identifies this bundle's content."""
+        files = {TENSORS: _sha256(self._tensor_blob())}
+        return self.manifest.model_copy(update={"files": files}).sealed()
+
     def verify_integrity(self) -> None:
         """Check that a sealed bundle (one with a manifest digest, e.g. loaded from disk
         or saved) is still what its manifest says: the digest matches the manifest's
@@ -347,8 +356,7 @@ class PolicyBundle:
                 "with_parameters() / with_version() instead of editing the manifest"
             )
         expected = manifest.files.get(TENSORS)
-        blob = save_safetensors(dict(self.tensors), metadata={"format": "pt"})
-        if expected is not None and _sha256(blob) != expected:
+        if expected is not None and _sha256(self._tensor_blob()) != expected:
             raise PolicyIntegrityError(
                 f"policy {self.ref}: the tensors do not match the manifest's hash; they were "
                 "changed after the bundle was sealed. Reload the bundle from its directory"
@@ -393,8 +401,8 @@ class PolicyBundle:
         """
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        blob = save_safetensors(dict(self.tensors), metadata={"format": "pt"})
-        manifest = self.manifest.model_copy(update={"files": {TENSORS: _sha256(blob)}}).sealed()
+        blob = self._tensor_blob()
+        manifest = self.sealed_manifest()
         with publish_dir(target) as tmp:
             write_synced(tmp / TENSORS, blob)
             for fname, data in self.extra_files.items():

@@ -257,11 +257,15 @@ class PolicyRegistry:
         os.close(fd)
         try:
             same = [v for v in self.versions(bundle.name) if _same_version(v, bundle.version)]
+            if same and not overwrite and _same_content(directory / same[0], bundle):
+                return directory / same[0]  # publishing a release again is a no-op
             if same and not overwrite:
                 raise RegistryError(
-                    f"{bundle.name}@{same[0]} is already published in {str(self.root)!r}; released "
-                    "versions are immutable, so publish a new version (e.g. with "
-                    "bundle.with_version(...)) or pass overwrite=True to replace it"
+                    f"{bundle.name}@{same[0]} is already published in {str(self.root)!r} with "
+                    "other content; released versions are immutable (caches key on the "
+                    "version), so publish a new version (guardrail policy derive SRC --version "
+                    "X.Y.Z, or bundle.with_version(...)); overwrite=True is only for repairing "
+                    "a registry, never for a released version"
                 )
             for old in same:
                 if old != bundle.version:
@@ -269,6 +273,15 @@ class PolicyRegistry:
             return bundle.save_pretrained(directory / bundle.version)
         finally:
             lock.unlink(missing_ok=True)
+
+
+def _same_content(path: Path, bundle: PolicyBundle) -> bool:
+    """Whether the bundle stored at ``path`` has ``bundle``'s content (manifest digest)."""
+    try:
+        stored = PolicyBundle.from_pretrained(path)
+    except PolicyIntegrityError:
+        return False
+    return stored.manifest.digest == bundle.sealed_manifest().digest
 
 
 def write_index(root: str | os.PathLike[str]) -> Path:
