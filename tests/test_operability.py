@@ -110,3 +110,95 @@ def test_a_policy_reference_is_resolved_through_the_registry(tmp_path):
     assert guard.policy.ref == "p@1.2.0"
     with pytest.raises(GuardrailError, match="registry="):
         Guardrail(model, tok, "p@^1.0")
+
+
+def test_policy_derive_writes_a_new_recorded_version(tmp_path, capsys):
+    model, tok = tiny("llama")
+    src = random_policy(model, tok, layer=1, name="p", version="1.0.0", tau=0.5)
+    src_path = src.save_pretrained(tmp_path / "1.0.0")
+    out = tmp_path / "1.1.0"
+    code = main(
+        [
+            "policy",
+            "derive",
+            str(src_path),
+            "--set",
+            "tau=0.45",
+            "--version",
+            "1.1.0",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == EXIT_OK
+    from guardrail.policy import PolicyBundle
+
+    derived = PolicyBundle.from_pretrained(out)
+    assert (derived.version, derived.parameters.tau) == ("1.1.0", 0.45)
+    record = derived.manifest.derived_from
+    assert record["ref"] == "p@1.0.0" and record["changes"] == {"tau": [0.5, 0.45]}
+    assert record["digest"] == PolicyBundle.from_pretrained(src_path).manifest.digest
+    assert derived.manifest.created >= PolicyBundle.from_pretrained(src_path).manifest.created
+    assert torch_equal(derived.u, src.u)
+    capsys.readouterr()
+    assert main(["policy", "diff", str(src_path), str(out), "--json"]) == EXIT_OK
+    diff = json.loads(capsys.readouterr().out)
+    assert diff["parameters"]["to"]["tau"] == 0.45 and "p@1.1.0 derived from" in diff
+    # the same version, an unknown or an invalid parameter: errors naming the fix
+    assert (
+        main(
+            [
+                "policy",
+                "derive",
+                str(src_path),
+                "--set",
+                "tau=1",
+                "--version",
+                "1.0.0",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 1
+    )
+    assert (
+        main(
+            [
+                "policy",
+                "derive",
+                str(src_path),
+                "--set",
+                "gate=1",
+                "--version",
+                "1.2.0",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 1
+    )
+    assert (
+        main(
+            [
+                "policy",
+                "derive",
+                str(src_path),
+                "--set",
+                "kappa=1e9",
+                "--version",
+                "1.2.0",
+                "--out",
+                str(tmp_path / "z"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "new version" in err and "unknown steering parameter" in err and "kappa" in err
+    assert "Traceback" not in err
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -78,9 +78,12 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
     a, b = PolicyBundle.from_pretrained(args.a), PolicyBundle.from_pretrained(args.b)
     sa, sb = _summary(a), _summary(b)
     changes: dict[str, Any] = {}
-    for key in ("name", "version", "layer", "parameters", "modalities", "model"):
+    for key in ("name", "version", "created", "layer", "parameters", "modalities", "model"):
         if sa[key] != sb[key]:
             changes[key] = {"from": sa[key], "to": sb[key]}
+    for bundle in (a, b):
+        if bundle.manifest.derived_from is not None:
+            changes[f"{bundle.ref} derived from"] = bundle.manifest.derived_from
     if a.manifest.model.hidden_size == b.manifest.model.hidden_size:
         changes["direction_cosine"] = float(a.u @ b.u)
     changes["gap"] = {"from": a.g, "to": b.g}
@@ -90,6 +93,42 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
         print(f"{a.ref} -> {b.ref}")
         for key, value in changes.items():
             print(f"  {key}: {json.dumps(value, default=str)}")
+    return EXIT_OK
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``--set``: a number, true/false/none, or a word."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError("expected NAME=VALUE, e.g. tau=0.45")
+    value: Any = raw.strip()
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        value = lowered == "true"
+    elif lowered in ("none", "null"):
+        value = None
+    else:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return name.strip(), value
+
+
+def cmd_policy_derive(args: argparse.Namespace) -> int:
+    from guardrail.policy import PolicyBundle
+
+    source = PolicyBundle.from_pretrained(args.src)
+    derived = source.derive(args.version, description=args.description, **dict(args.set))
+    path = derived.save_pretrained(args.out)
+    record = derived.manifest.derived_from or {}
+    if args.json:
+        print_json({"policy": derived.ref, "path": str(path), "derived_from": record})
+    else:
+        changed = ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in record["changes"].items()
+        )
+        print(f"wrote {derived.ref} to {path} (from {source.ref}: {changed})")
     return EXIT_OK
 
 
@@ -160,6 +199,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_policy_diff)
+    p = policy.add_parser(
+        "derive", help="a new version with changed parameters (same statistics, recorded)"
+    )
+    p.add_argument("src", help="the source bundle directory")
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_setting,
+        required=True,
+        metavar="NAME=VALUE",
+        help="a steering parameter to change, e.g. tau=0.45 (repeatable)",
+    )
+    p.add_argument("--version", required=True, help="the new version, e.g. 1.1.0")
+    p.add_argument("--out", required=True, help="directory to write the new bundle to")
+    p.add_argument("--description", default=None, help="the new bundle's description")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_derive)
     p = policy.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
     p.add_argument(
         "--out", required=True, help="directory for <key-id>.pem (private) and <key-id>.pub"

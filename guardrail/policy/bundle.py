@@ -150,16 +150,32 @@ class Manifest(BaseModel):
     name: str
     version: str
     description: str = ""
-    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=lambda: _now())
     model: ModelFingerprint
     layer: int = Field(ge=0)
     parameters: SteeringParameters = Field(default_factory=SteeringParameters)
     modalities: list[Literal["image", "video"]] = Field(default_factory=list)
     calibration: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
+    derived_from: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "for a version derived from another without recalibrating: the source's ref "
+            "and digest, the parameters changed (old and new) and when"
+        ),
+    )
     digest: str | None = Field(
         None, description="sha256 of this manifest without the digest field; set on save"
     )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # derived_from is written only when set, so that bundles written before the
+        # field existed keep their canonical bytes (digest, signature).
+        data: dict[str, Any] = handler(self)
+        if data.get("derived_from") is None:
+            data.pop("derived_from", None)
+        return data
 
     @field_validator("name")
     @classmethod
@@ -194,6 +210,10 @@ class Manifest(BaseModel):
     def sealed(self) -> Manifest:
         """A copy whose ``digest`` matches its content."""
         return self.model_copy(update={"digest": self.content_digest()})
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _sha256(data: bytes) -> str:
@@ -316,16 +336,71 @@ class PolicyBundle:
                 f"{k} positions needs its own calibration (guardrail calibrate "
                 f"--score-positions {k})"
             )
-        params = self.parameters.model_copy(update=changes)
-        SteeringParameters.model_validate(params.model_dump())
+        unknown = sorted(set(changes) - set(SteeringParameters.model_fields))
+        if unknown:
+            raise InputError(
+                f"policy {self.ref}: unknown steering parameter(s) {unknown}; use one of "
+                f"{sorted(SteeringParameters.model_fields)}"
+            )
+        try:
+            params = SteeringParameters.model_validate({**self.parameters.model_dump(), **changes})
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            )
+            raise InputError(f"policy {self.ref}: invalid parameters ({details})") from None
         manifest = self.manifest.model_copy(update={"parameters": params, "digest": None})
         return PolicyBundle(manifest, self.tensors)
 
     def with_version(self, version: str, **updates: Any) -> PolicyBundle:
+        """A copy under another version, created now (``updates``: other manifest fields)."""
         manifest = Manifest.model_validate(
-            {**self.manifest.model_dump(), "version": version, "digest": None, **updates}
+            {
+                **self.manifest.model_dump(),
+                "version": version,
+                "created": _now(),
+                "files": {},
+                "digest": None,
+                **updates,
+            }
         )
         return PolicyBundle(manifest, self.tensors)
+
+    def derive(
+        self, version: str, *, description: str | None = None, **parameters: Any
+    ) -> PolicyBundle:
+        """A new version with some steering parameters changed and the same statistics.
+
+        The new manifest has its own creation time and records the derivation in
+        ``derived_from`` (the source's ref and digest, each changed parameter's old and
+        new value), so ``guardrail policy diff`` and audits see what changed; the
+        calibration record stays, as the statistics are still that calibration's.
+        """
+        if version == self.version:
+            raise InputError(
+                f"policy {self.ref}: a derived bundle needs a new version (released versions "
+                "are immutable); pass e.g. version='1.1.0'"
+            )
+        changed = self.with_parameters(**parameters).parameters
+        old, new = self.parameters.model_dump(), changed.model_dump()
+        changes = {k: [old.get(k), new[k]] for k in new if old.get(k) != new[k]}
+        if not changes:
+            raise InputError(
+                f"policy {self.ref}: nothing to derive, the parameters are unchanged; pass "
+                "e.g. tau=0.45"
+            )
+        now = _now()
+        return self.with_version(
+            version,
+            parameters=new,
+            description=self.manifest.description if description is None else description,
+            derived_from={
+                "ref": self.ref,
+                "digest": self.sealed_manifest().digest,
+                "changes": changes,
+                "created": now,
+            },
+        )
 
     def _tensor_blob(self) -> bytes:
         return save_safetensors(dict(self.tensors), metadata={"format": "pt"})
