@@ -60,3 +60,32 @@ def test_a_tampered_bundle_is_still_an_integrity_failure(tmp_path, capsys):
 def test_an_unreadable_events_file_is_a_plain_error(tmp_path, capsys):
     assert main(["rollout", "report", str(tmp_path / "none.jsonl")]) == EXIT_ERROR
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_json_errors_are_json(capsys, tmp_path, no_model_load):
+    import json
+
+    missing = str(tmp_path / "nowhere")
+    assert main(["policy", "show", missing, "--json"]) == EXIT_ERROR
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["type"] == "BundleNotFoundError" and error["exit_code"] == EXIT_ERROR
+    with pytest.raises(SystemExit):
+        main([*CALIBRATE, "harmless", "--out", missing, "--layers", "x", "--json"])
+    usage = json.loads(capsys.readouterr().out)["error"]
+    assert usage["type"] == "UsageError" and "--layers" in usage["message"]
+
+
+def test_eval_and_calibrate_check_their_inputs_before_the_model(tmp_path, capsys, no_model_load):
+    from guardrail.testing import random_policy, tiny_model
+
+    missing = str(tmp_path / "nowhere")
+    assert main(["eval", "--model", "tiny-llama", "--policy", missing]) == EXIT_ERROR
+    bundle = random_policy(*tiny_model("llama"), layer=1).save_pretrained(tmp_path / "b")
+    code = main(["eval", "--model", "tiny-llama", "--policy", str(bundle), "--dataset", missing])
+    assert code == EXIT_ERROR
+    code = main([*CALIBRATE, missing, "--out", str(tmp_path / "new")])
+    assert code == EXIT_ERROR
+    # a bundle already at --out is a release: never overwritten by a recalibration
+    code = main([*CALIBRATE, "harmless", "--out", str(bundle)])
+    assert code == EXIT_ERROR
+    assert "immutable" in capsys.readouterr().err

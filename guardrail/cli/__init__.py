@@ -10,8 +10,10 @@ canary whose intervention or refusal rate differs from stable beyond the toleran
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from guardrail.cli import calibrate, demo, evaluate, generate, policy, rollout
 from guardrail.cli.common import (
@@ -42,7 +44,7 @@ COMMANDS = (calibrate, generate, policy, rollout, demo, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="guardrail", description="MARS refusal steering for local multimodal LLMs"
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,9 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as JSON on stdout too when ``--json`` was asked for."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            _print_error("UsageError", f"{self.prog}: {message}", EXIT_USAGE)
+        super().error(message)
+
+
+def _print_error(kind: str, message: str, code: int) -> None:
+    json.dump({"error": {"type": kind, "message": message, "exit_code": code}}, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
         return int(args.func(args))
     except BrokenPipeError:
@@ -61,8 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_OK
     except (GuardrailError, OSError) as exc:
+        code = exit_code(exc)
         print(f"error: {exc}", file=sys.stderr)
-        return exit_code(exc)
+        if as_json:
+            _print_error(type(exc).__name__, str(exc), code)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

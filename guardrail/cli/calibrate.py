@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from guardrail.cli.common import EXIT_OK, csv_of, load_model, model_args, positive_int, print_json
+from guardrail.errors import GuardrailError
 
 RECENTER_ACTIVATION_CHOICES: dict[str, bool | str] = {
     "score-only": False,
@@ -17,7 +19,18 @@ RECENTER_ACTIVATION_CHOICES: dict[str, bool | str] = {
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from guardrail.calibration.calibrate import CalibrationTargets, calibrate
     from guardrail.calibration.neutral import NeutralMedia
+    from guardrail.datasets import load_prompts
 
+    # Inputs are checked before the (slow) model load.
+    for source in (args.harmful, args.harmless):
+        load_prompts(source)
+    out = Path(args.out)
+    if (out / "manifest.json").exists() and not args.overwrite:
+        raise GuardrailError(
+            f"{out} already holds a policy bundle; released versions are immutable, so write "
+            "the recalibration as a new version (--version X.Y.Z --out .../X.Y.Z), or pass "
+            "--overwrite for a bundle that was never released"
+        )
     model, processor = load_model(args)
     targets = CalibrationTargets(
         benign_trigger_rate=args.trigger_rate,
@@ -82,6 +95,11 @@ def add_parser(sub: Any) -> None:
         "--harmless", required=True, help="harmless prompts: 'harmless' (shipped) or a file"
     )
     p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a bundle already at --out (never a release)",
+    )
     p.add_argument("--name", default="policy")
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--report", help="write the HTML calibration report here")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from guardrail.cli.common import print_json
 from guardrail.evaluation.evaluate import (
     default_renderer,
     evaluate,
@@ -33,9 +34,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument(
-        "--json", dest="json_out", help="write the full report (summary and records) here"
-    )
+    p.add_argument("--out", help="write the full report (summary and records) here as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_cli)
@@ -44,12 +44,15 @@ def add_parser(sub: Any) -> None:
 def run_cli(args: Any) -> int:
     from guardrail.guardrail import Guardrail
     from guardrail.models.loading import load_model
+    from guardrail.policy import PolicyBundle
 
+    # Inputs are checked before the (slow) model load.
+    bundle = PolicyBundle.from_pretrained(args.policy)
+    items = load_eval_items(args.dataset, limit=args.limit)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    guard = Guardrail(model, processor, args.policy)
+    guard = Guardrail(model, processor, bundle)
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     renderer = default_renderer(args.model) if set(modalities) - {"text"} else None
-    items = load_eval_items(args.dataset, limit=args.limit)
     report = evaluate(
         guard,
         items,
@@ -59,9 +62,12 @@ def run_cli(args: Any) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    print(report.table())
-    if args.json_out:
-        report.to_json(args.json_out)
+    if args.json:
+        print_json(report.summary())
+    else:
+        print(report.table())
+    if args.out:
+        report.to_json(args.out)
     if args.plot:
         report.plot(args.plot)
     return 0

@@ -54,8 +54,8 @@ def cmd_policy_verify(args: argparse.Namespace) -> int:
     from guardrail.adapters import ModelAdapter
     from guardrail.policy import PolicyBundle
 
+    bundle = PolicyBundle.from_pretrained(args.dir)  # checked before the model loads
     adapter = ModelAdapter(*load_model(args)) if args.model else None
-    bundle = PolicyBundle.from_pretrained(args.dir)
     checks = ["schema", "manifest digest", "tensor hashes", "finite values"]
     if getattr(args, "trust_store", None):
         from guardrail.policy.signing import TrustStore, verify_bundle
