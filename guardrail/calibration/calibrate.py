@@ -445,12 +445,19 @@ def calibrate(
     t_collect = time.perf_counter() - started
 
     # 2. per-example validation activations, unguarded first-token statistics
-    val_acts = {
-        s.name: collect_examples(adapter, s, cands, batch_size=batch_size, score_positions=k)
-        for s in val_sets
-    }
+    bar = _Progress(2 * sum(len(s.prompts) for s in val_sets), "validation baseline", progress)
+    val_acts = {}
+    for s in val_sets:
+        val_acts[s.name] = collect_examples(
+            adapter, s, cands, batch_size=batch_size, score_positions=k
+        )
+        bar(len(s.prompts))
     token_ids = refusal_token_ids(adapter.tokenizer)
-    base = {s.name: first_token(adapter, s, token_ids, batch_size=batch_size) for s in val_sets}
+    base = {}
+    for s in val_sets:
+        base[s.name] = first_token(adapter, s, token_ids, batch_size=batch_size)
+        bar(len(s.prompts))
+    bar.close()
     fingerprint = ModelFingerprint.of(adapter)
     benign = [s.name for s in val_sets if s.name != "harmful"]
 
@@ -532,11 +539,13 @@ def calibrate(
     # 4. lam / kappa grid at the chosen layer
     probe = bundle_at(layer)
     tau = gate(probe)
-    grid = [
-        evaluate(probe.with_parameters(tau=tau, lam=lam, kappa=kappa))
-        for lam in targets.lam_grid
-        for kappa in targets.kappa_grid
-    ]
+    points = [(lam, kappa) for lam in targets.lam_grid for kappa in targets.kappa_grid]
+    bar = _Progress(len(points), "strength grid", progress)
+    grid = []
+    for lam, kappa in points:
+        grid.append(evaluate(probe.with_parameters(tau=tau, lam=lam, kappa=kappa)))
+        bar(1)
+    bar.close()
     best = _best_grid(grid)
     final = probe.with_parameters(tau=tau, lam=best["lam"], kappa=best["kappa"])
 
