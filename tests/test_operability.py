@@ -202,3 +202,30 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_from_pretrained_takes_a_checkout_with_transformers_loading_options(tmp_path):
+    import torch
+
+    from guardrail.testing import tiny_model, tiny_policy
+
+    model, processor = tiny_model("llava")
+    checkout = tmp_path / "tiny-llava-checkout"
+    model.save_pretrained(checkout)
+    processor.save_pretrained(checkout)
+    policy = tiny_policy(model, processor, tau=-10.0).save_pretrained(tmp_path / "policy")
+    guard = Guardrail.from_pretrained(
+        str(checkout), policy, device_map="cpu", torch_dtype="bfloat16", max_new_tokens=3
+    )
+    assert guard.model.dtype == torch.bfloat16 and type(guard.model) is type(model)
+    result = guard.generate("Hello")
+    assert result.intervened and result.policy_version == "1.0.0"
+
+
+def test_a_hub_id_goes_to_transformers_and_fails_clearly_offline():
+    from guardrail import GuardrailError
+
+    with pytest.raises(GuardrailError, match="hub id"):  # never downloads: cache only
+        Guardrail.from_pretrained(
+            "some-org/some-model-that-is-not-cached", model_kwargs={"local_files_only": True}
+        )
