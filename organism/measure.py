@@ -114,7 +114,7 @@ def measure(
 
         model, processor = load()
     log(f"loaded in {time.perf_counter() - started:.1f}s")
-    guard = Guardrail(model, processor, policy=None)
+    guard = Guardrail(model, processor, mode="off")  # the unguarded organism is measured
     tokenizer = getattr(processor, "tokenizer", processor)
     rng = random.Random(seed)
     rows: dict[str, dict[str, Any]] = {}
