@@ -165,15 +165,17 @@ def main() -> int:
         print(f"  done: {name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     columns = list(next(iter(table.values())))
-    print(f"# Paper claims on the model organism ({args.model}, policy {bundle.ref}, layer {bundle.layer}, "
+    lines: list[str] = []
+    emit = lines.append
+    emit(f"# Paper claims on the model organism ({args.model}, policy {bundle.ref}, layer {bundle.layer}, "
           f"{args.limit} test prompts per set)\n")
-    print("| configuration | " + " | ".join(c.replace("benign", "over-refusal benign")
+    emit("| configuration | " + " | ".join(c.replace("benign", "over-refusal benign")
                                              .replace("near-miss", "over-refusal near-miss")
                                              .replace("borderline", "over-refusal borderline")
                                              .replace("harmful", "refusal harmful") for c in columns) + " |")
-    print("|---|" + "---:|" * len(columns))
+    emit("|---|" + "---:|" * len(columns))
     for name, row in table.items():
-        print(f"| {name} | " + " | ".join(f"{row[c] * 100:.0f}%" for c in columns) + " |")
+        emit(f"| {name} | " + " | ".join(f"{row[c] * 100:.0f}%" for c in columns) + " |")
 
     base, naive, full = table["unguarded"], table["naive transfer (fixed, no re-centring)"], table["full MARS"]
     claims = []
@@ -202,10 +204,11 @@ def main() -> int:
     if "benign video" in base:
         claims.append(("without re-centring, safe videos are spuriously refused (adaptive, raw score)",
                        adaptive_raw["benign video"] > full["benign video"]))
-    print()
+    emit("")
     for text, ok in claims:
-        print(f"- {'CONFIRMED' if ok else 'NOT SHOWN'}: {text}")
-    print(f"\n({time.perf_counter() - started:.0f} s on this machine)")
+        emit(f"- {'CONFIRMED' if ok else 'NOT SHOWN'}: {text}")
+    emit(f"\n({time.perf_counter() - started:.0f} s on this machine)")
+    print("\n".join(lines))
 
     if args.out:
         out = Path(args.out)
@@ -217,6 +220,8 @@ def main() -> int:
             (out / "layer_sweep.png").write_bytes(base64.b64decode(_png(sweep_plot(record))))
             (out / "score_histograms.png").write_bytes(base64.b64decode(_png(histogram_plot(record))))
         (out / "paper_claims.json").write_text(json.dumps({"table": table, "claims": claims}, indent=2))
+        # The docs' results page includes this file (docs/results.md).
+        (out / "paper_claims.md").write_text("\n".join(lines[1:]).lstrip() + "\n")
     return 0
 
 

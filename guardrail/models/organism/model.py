@@ -21,12 +21,8 @@ The organism is a ``LlavaForConditionalGeneration``:
   256 x 256 px; rendered images pass unchanged) with a ChatML template that follows
   SmolLM2's own (same default system prompt) and writes ``<image>`` for image parts.
 
-Why computed rather than trained: the language model only understands input
-vectors that are very close to its own embeddings (replacing prompt embeddings by
-their best rank-384 approximation, 10 % relative error, already garbles most
-answers), and no vision tower small enough to commit can store ~10k embeddings that
-precisely; a learnt reader reached 77 % nearest-embedding accuracy at 62 % relative
-error. The lookup instead takes its values from the language model at load time.
+Why the reader is computed rather than trained is argued in the model card
+(``organism/README.md``, "The reader").
 
 Stored in the repository (``weights/``): ``vision.safetensors`` (the reading
 vocabulary: token ids) and one ``lora_<stage>.safetensors`` per adapter (the ``A``/``B``
