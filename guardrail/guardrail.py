@@ -26,6 +26,7 @@ import torch
 
 from guardrail.adapters import ModelAdapter
 from guardrail.errors import GuardrailError, InputError, SteeringError
+from guardrail.generation import close_when_idle, eos_ids, expansion, generate_kwargs
 from guardrail.messages import (
     Conversation,
     InputLimits,
@@ -456,7 +457,7 @@ class Guardrail:
                 yield item  # type: ignore[misc]
         finally:
             cancel.set()
-            await asyncio.to_thread(_close_when_idle, iterator)
+            await asyncio.to_thread(close_when_idle, iterator)
 
     # ------------------------------------------------------------------ scoring
 
@@ -699,58 +700,15 @@ class Guardrail:
     def _generate_kwargs(
         self, kwargs: dict[str, Any], cancel: threading.Event | None
     ) -> dict[str, Any]:
-        out = dict(kwargs)
-        out.setdefault("max_new_tokens", self.max_new_tokens)
-        out.setdefault("do_sample", False)
-        tokenizer = self.adapter.tokenizer
-        if "pad_token_id" not in out and getattr(tokenizer, "pad_token_id", None) is not None:
-            out["pad_token_id"] = tokenizer.pad_token_id
-        if out.get("return_dict_in_generate"):
-            raise InputError("return_dict_in_generate is managed by the guardrail; leave it unset")
-        for name in _UNSUPPORTED_GENERATE:
-            if out.get(name) is not None:
-                raise InputError(
-                    f"{name} is not supported: assisted and prompt-lookup decoding do not "
-                    "prefill the whole prompt in one pass, so t* cannot be steered; remove it"
-                )
-        if cancel is not None:
-            from transformers import StoppingCriteria, StoppingCriteriaList
-
-            event = cancel
-
-            class _Cancel(StoppingCriteria):
-                def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> Any:
-                    return torch.full(
-                        (input_ids.shape[0],),
-                        event.is_set(),
-                        dtype=torch.bool,
-                        device=input_ids.device,
-                    )
-
-            criteria = StoppingCriteriaList(out.pop("stopping_criteria", None) or [])
-            criteria.append(_Cancel())
-            out["stopping_criteria"] = criteria
-        return out
+        return generate_kwargs(
+            kwargs,
+            max_new_tokens=self.max_new_tokens,
+            tokenizer=self.adapter.tokenizer,
+            cancel=cancel,
+        )
 
     def _expansion(self, kwargs: Mapping[str, Any]) -> tuple[int, int]:
-        """How many copies of each conversation ``generate`` runs, and how many sequences
-        it returns per conversation: ``(max(num_beams, num_return_sequences),
-        num_return_sequences)``, from the call's kwargs over its ``generation_config``
-        over the model's (the order transformers applies them in)."""
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-
-        def setting(name: str) -> int:
-            value = kwargs.get(name)
-            if value is None and config is not None:
-                value = getattr(config, name, None)
-            if value is None:
-                return 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {type(value).__name__}")
-            return value
-
-        beams, sequences = setting("num_beams"), setting("num_return_sequences")
-        return max(beams, sequences), sequences
+        return expansion(self.model, kwargs)
 
     def _plans(
         self,
@@ -785,7 +743,7 @@ class Guardrail:
         would = row_values(plans, len(convs), "would_strength")
         input_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         tokenizer = self.adapter.tokenizer
-        eos = _eos_ids(self.model, tokenizer)
+        eos = eos_ids(self.model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         latency = time.perf_counter() - started
         results = []
@@ -859,35 +817,7 @@ class Guardrail:
 _BLOCKED = "blocked: "
 
 
-def _close_when_idle(iterator: Generator[Any, None, None], wait_s: float = 60.0) -> None:
-    """Close a generator that another thread may still be advancing (a cancelled
-    ``astream`` leaves its last ``next`` running in a worker thread)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            iterator.close()
-            return
-        except ValueError:  # "generator already executing": that next() ends soon
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-_UNSUPPORTED_GENERATE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-
-
 def _check_mode(mode: str) -> Mode:
     if mode not in MODES:
         raise GuardrailError(f"mode {mode!r} is not one of {MODES}")
     return mode  # type: ignore[return-value]
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
