@@ -38,6 +38,7 @@ __all__ = [
     "tiny_model",
     "tiny_policy",
     "tiny_tokenizer",
+    "with_canary",
 ]
 
 
@@ -129,6 +130,18 @@ def tiny_guardrail(
         policy = tiny_policy(model, processor, name=name, version=version, **STEER_ALL)
     guardrail_kwargs.setdefault("max_new_tokens", 8)
     return Guardrail(model, processor, policy, **guardrail_kwargs)
+
+
+def with_canary(guard: Any, directory: Any, version: str, share: float = 1.0) -> Any:
+    """Put ``guard`` under a rollout: its policy as stable and the same statistics as
+    ``version`` as a canary taking ``share`` of keys (bundles saved under ``directory``)."""
+    from pathlib import Path
+
+    root = Path(directory)
+    stable = guard.policy.save_pretrained(root / "stable")
+    canary = guard.policy.with_version(version).save_pretrained(root / "canary")
+    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": share}})
+    return guard
 
 
 def png_bytes(seed: int = 1, size: int = 32) -> bytes:

@@ -145,54 +145,9 @@ def test_policy_derive_writes_a_new_recorded_version(tmp_path, capsys):
     diff = json.loads(capsys.readouterr().out)
     assert diff["parameters"]["to"]["tau"] == 0.45 and "p@1.1.0 derived from" in diff
     # the same version, an unknown or an invalid parameter: errors naming the fix
-    assert (
-        main(
-            [
-                "policy",
-                "derive",
-                str(src_path),
-                "--set",
-                "tau=1",
-                "--version",
-                "1.0.0",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 1
-    )
-    assert (
-        main(
-            [
-                "policy",
-                "derive",
-                str(src_path),
-                "--set",
-                "gate=1",
-                "--version",
-                "1.2.0",
-                "--out",
-                str(tmp_path / "y"),
-            ]
-        )
-        == 1
-    )
-    assert (
-        main(
-            [
-                "policy",
-                "derive",
-                str(src_path),
-                "--set",
-                "kappa=1e9",
-                "--version",
-                "1.2.0",
-                "--out",
-                str(tmp_path / "z"),
-            ]
-        )
-        == 1
-    )
+    for setting, version in (("tau=1", "1.0.0"), ("gate=1", "1.2.0"), ("kappa=1e9", "1.2.0")):
+        args = ["policy", "derive", str(src_path), "--set", setting, "--version", version]
+        assert main([*args, "--out", str(tmp_path / setting)]) == 1
     err = capsys.readouterr().err
     assert "new version" in err and "unknown steering parameter" in err and "kappa" in err
     assert "Traceback" not in err

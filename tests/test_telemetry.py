@@ -290,10 +290,9 @@ def test_library_logger_binds_request_context() -> None:
 
 
 def test_the_rollout_arm_is_on_every_span_and_metric(otel: Otel, tmp_path) -> None:
-    guard = guard_for(otel)
-    stable = guard.policy.save_pretrained(tmp_path / "stable")
-    canary = guard.policy.with_version("1.1.0").save_pretrained(tmp_path / "canary")
-    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": 0.5}})
+    from guardrail.testing import with_canary
+
+    guard = with_canary(guard_for(otel), tmp_path, "1.1.0", share=0.5)
     keys = [f"user-{k}" for k in range(12)]
     results = guard.generate(["Hi"] * len(keys), key=keys)
     arms = {r.rollout_arm for r in results}

@@ -167,7 +167,10 @@ def test_image_block_formats_reach_the_model(
             [{"type": "image", "base64": "@@not base64@@", "mime_type": "image/png"}],
             "valid base64",
         ),
-        ([{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}], "is not a base64 image"),
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/png,raw"}}],
+            "is not a base64 image",
+        ),
         ([{"type": "image", "source_type": "id", "id": "file-123"}], "file ids"),
         ([{"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}], "type 'audio'"),
     ],
@@ -332,12 +335,9 @@ def test_fail_closed_block_is_reported(image_b64: str) -> None:
 
 
 def test_the_rollout_arm_and_version_reach_the_response(tmp_path) -> None:
-    from guardrail.testing import tiny_guardrail
+    from guardrail.testing import tiny_guardrail, with_canary
 
-    guard = tiny_guardrail("llava", name="lc-test", version="1.2.3")
-    stable = guard.policy.save_pretrained(tmp_path / "stable")
-    canary = guard.policy.with_version("1.3.0").save_pretrained(tmp_path / "canary")
-    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": 1.0}})
+    guard = with_canary(tiny_guardrail("llava", name="lc-test", version="1.2.3"), tmp_path, "1.3.0")
     chat = ChatMarsGuardrail(guardrail=guard)
     decision = chat.invoke("Hi", key="user-1").response_metadata["guardrail"]
     assert (decision["rollout_arm"], decision["policy_version"]) == ("canary", "1.3.0")

@@ -31,7 +31,9 @@ from guardrail.testing import png_bytes, tiny_guardrail
 
 @functools.cache
 def shared_guardrail() -> Guardrail:
-    return tiny_guardrail("llava", name="lc-test", version="1.2.3", refusal_detector=lambda prompt, response: False)
+    return tiny_guardrail(
+        "llava", name="lc-test", version="1.2.3", refusal_detector=lambda prompt, response: False
+    )
 
 
 class _Capabilities:

@@ -16,12 +16,16 @@ from guardrail.testing import tiny_guardrail
 
 @pytest.fixture(scope="session")
 def guard() -> Guardrail:
-    return tiny_guardrail("llava", name="li-test", version="1.2.3", refusal_detector=lambda prompt, response: False)
+    return tiny_guardrail(
+        "llava", name="li-test", version="1.2.3", refusal_detector=lambda prompt, response: False
+    )
 
 
 @pytest.fixture(scope="session")
 def refusing_guard() -> Guardrail:
-    return tiny_guardrail("llava", name="li-test", version="1.2.3", refusal_detector=lambda prompt, response: True)
+    return tiny_guardrail(
+        "llava", name="li-test", version="1.2.3", refusal_detector=lambda prompt, response: True
+    )
 
 
 class RecordingHandler(BaseEventHandler):

@@ -202,12 +202,9 @@ def test_fail_closed_block_is_a_refusal_event(recorder: Any) -> None:
 
 
 def test_the_rollout_arm_and_version_reach_the_response(tmp_path) -> None:
-    from guardrail.testing import tiny_guardrail
+    from guardrail.testing import tiny_guardrail, with_canary
 
-    guard = tiny_guardrail("llava", name="li-test", version="1.2.3")
-    stable = guard.policy.save_pretrained(tmp_path / "stable")
-    canary = guard.policy.with_version("1.3.0").save_pretrained(tmp_path / "canary")
-    guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": 1.0}})
+    guard = with_canary(tiny_guardrail("llava", name="li-test", version="1.2.3"), tmp_path, "1.3.0")
     llm = MarsGuardrailLLM(guardrail=guard)
     response = llm.chat([ChatMessage(role=MessageRole.USER, content="Hi")], key="user-1")
     decision = response.additional_kwargs["guardrail"]
