@@ -189,7 +189,7 @@ def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
             "--max-new-tokens",
             "3",
             "--quiet",
-            "--json",
+            "--out",
             str(tmp_path / "out.json"),
             "--plot",
             str(tmp_path / "out.png"),
@@ -198,6 +198,25 @@ def test_eval_cli_writes_json_and_plot(tmp_path, capsys):
     assert code == 0
     assert "text      harmful" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out.json").read_text())["summary"]
+    # --json prints the summary instead of the table
+    args = [
+        "eval",
+        "--model",
+        "tiny-llava",
+        "--policy",
+        str(path),
+        "--dataset",
+        "harmful",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+        "--json",
+    ]
+    assert cli.main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["modalities"]["text"]["harmful"]["n"] == 1
     assert summary["modalities"]["image"]["harmless"]["n"] == 2
     assert (tmp_path / "out.png").stat().st_size > 1000
 
