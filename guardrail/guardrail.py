@@ -294,6 +294,7 @@ class Guardrail:
         policy: PolicyBundle | None = None,
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
+        trace_context: Any | Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> GuardrailResult: ...
 
@@ -306,6 +307,7 @@ class Guardrail:
         policy: PolicyBundle | None = None,
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
+        trace_context: Any | Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> list[GuardrailResult]: ...
 
@@ -317,6 +319,7 @@ class Guardrail:
         policy: PolicyBundle | None = None,
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
+        trace_context: Any | Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> GuardrailResult | list[GuardrailResult]:
         """Generate the next assistant turn for one conversation or a batch.
@@ -327,13 +330,31 @@ class Guardrail:
         ``policy`` overrides the configured policy and rollout for this call;
         ``key`` (a user or session id, or one per conversation) picks the rollout arm.
         ``sinks`` receive this call's events in addition to the guardrail's own.
+        ``trace_context`` (an OpenTelemetry ``Context``, or one per conversation) is the
+        parent of the ``chat`` spans instead of the current span: a server that batches
+        requests of different callers keeps each row in its caller's trace.
         """
         single = is_single_conversation(messages)
         batch = [as_single_conversation(messages)] if single else list(messages)
         if not batch:
             raise InputError("no conversations given; pass one conversation or a non-empty list")
+        if trace_context is None or single or not isinstance(trace_context, Sequence):
+            parents = None if trace_context is None else [trace_context] * len(batch)
+        else:
+            parents = list(trace_context)
+            if len(parents) != len(batch):
+                raise InputError(
+                    f"{len(parents)} trace contexts for {len(batch)} conversations; give one "
+                    "per conversation"
+                )
         results = self._run(
-            batch, mode=mode, policy=policy, key=key, sinks=sinks, **generate_kwargs
+            batch,
+            mode=mode,
+            policy=policy,
+            key=key,
+            sinks=sinks,
+            parents=parents,
+            **generate_kwargs,
         )
         return results[0] if single else results
 
@@ -510,6 +531,7 @@ class Guardrail:
         key: str | Sequence[str | None] | None = None,
         cancel: threading.Event | None = None,
         sinks: Sequence[EventSink] | None = None,
+        parents: Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> list[GuardrailResult]:
         """:meth:`_generate` observed: one span per row, metrics, then events to the sinks.
@@ -519,7 +541,9 @@ class Guardrail:
         routes = self._routes(len(batch), policy, key)
         max_tokens = generate_kwargs.get("max_new_tokens", self.max_new_tokens)
         params = generate_kwargs
-        with self.telemetry.generation(batch, max_tokens=max_tokens, parameters=params) as observed:
+        with self.telemetry.generation(
+            batch, max_tokens=max_tokens, parameters=params, parents=parents
+        ) as observed:
             results = self._generate(
                 batch, routes=routes, mode=mode, cancel=cancel, **generate_kwargs
             )
@@ -595,6 +619,23 @@ class Guardrail:
                 policies[row] = None
                 if self._policy_failure(SteeringError(reason), mode):
                     errors[row] = _BLOCKED + reason
+        blocked = [row for row, e in enumerate(errors) if e is not None and e.startswith(_BLOCKED)]
+        streamer = kwargs.get("streamer")
+        if blocked and streamer is not None:
+            # A blocked row's unguarded tokens must never reach a stream.
+            if len(blocked) == n:
+                streamer.end()
+                return [
+                    self._blocked(c, r.policy, mode, str(e).removeprefix(_BLOCKED), started, r.arm)
+                    for c, r, e in zip(convs, routes, errors, strict=True)
+                ]
+            withhold = getattr(streamer, "withhold", None)
+            if not callable(withhold):
+                raise SteeringError(
+                    "some rows of this streamed batch are blocked and the streamer cannot "
+                    "withhold them (it has no withhold(rows) method)"
+                )
+            withhold(blocked)
         apply = mode == "enforce"
         plans = self._plans(policies, convs, mask, apply=apply)
         shadow_plans, shadow_of = self._shadow_plans(routes, convs, mask, mode)

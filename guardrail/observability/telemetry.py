@@ -168,12 +168,18 @@ class Telemetry:
         *,
         max_tokens: int | None,
         parameters: Mapping[str, Any] | None = None,
+        parents: Sequence[Any] | None = None,
     ) -> Iterator[Generation]:
         """Spans for one batched generation: one per row, ended on exit.
 
+        ``parents`` (one OpenTelemetry ``Context`` or None per row) makes each row's span
+        a child of its own request's trace, as a server batching requests of different
+        callers needs; by default every span is a child of the current span.
         An exception escaping the block is recorded on every row's span (status ERROR,
         ``error.type``) and re-raised.
         """
+        if parents is not None and len(parents) != len(batch):
+            raise ValueError(f"{len(parents)} span parents for {len(batch)} rows")
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": PROVIDER,
@@ -187,9 +193,12 @@ class Telemetry:
                 attributes[attribute] = value
         spans = [
             self.tracer.start_span(
-                f"chat {self.model}", kind=SpanKind.INTERNAL, attributes=attributes
+                f"chat {self.model}",
+                context=parents[row] if parents is not None else None,
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
             )
-            for _ in batch
+            for row in range(len(batch))
         ]
         try:
             yield Generation(self, spans, batch)
