@@ -28,6 +28,7 @@ import torch
 
 from guardrail.errors import InputError, UnsupportedModelError
 from guardrail.messages import Conversation
+from guardrail.tools import inert_json
 
 
 @dataclass(frozen=True)
@@ -239,9 +240,11 @@ class ModelAdapter:
         return text
 
     def inert_messages(self, conv: Conversation) -> list[dict[str, Any]]:
-        """``conv.messages`` with the text of every part passed through :meth:`neutralise`."""
+        """``conv.messages`` with the text of every part, and every string of the tool
+        fields (call arguments, ids, names), passed through :meth:`neutralise`."""
         return [
             {
+                **{k: inert_json(v, self.neutralise) for k, v in m.items()},
                 "role": m["role"],
                 "content": [
                     {**p, "text": self.neutralise(p["text"])} if p["type"] == "text" else p
@@ -251,18 +254,19 @@ class ModelAdapter:
             for m in conv.messages
         ]
 
-    def render(self, conv: Conversation) -> str:
+    def render(self, conv: Conversation, tools: Sequence[dict[str, Any]] | None = None) -> str:
         """The chat-templated prompt text, ending with the generation prompt.
 
-        Caller text is made inert first (:meth:`neutralise`): only the chat template
-        produces turn markers and media placeholders.
+        Caller text is made inert first (:meth:`neutralise`), tool definitions and
+        tool fields included: only the chat template produces turn markers and media
+        placeholders. ``tools`` (normalised by :func:`guardrail.tools.normalize_tools`)
+        go to the template as ``tools=``; a template that does not render them is an
+        :class:`InputError` (the model would never see the tools).
         """
         inert = self.inert_messages(conv)
+        messages: list[dict[str, Any]]
         if not self.modalities:
-            messages: list[dict[str, Any]] = [
-                {"role": m["role"], "content": "\n".join(p["text"] for p in m["content"])}
-                for m in inert
-            ]
+            messages = [{**m, "content": "\n".join(p["text"] for p in m["content"])} for m in inert]
         elif self.spec.video_as_frames and conv.videos:
             frames = iter(len(v) for v in conv.videos)
             messages = [
@@ -280,21 +284,54 @@ class ModelAdapter:
             ]
         else:
             messages = inert
+        # A tool result is text: templates expect a string there.
+        messages = [
+            {**m, "content": "\n".join(p["text"] for p in m["content"])}
+            if m["role"] == "tool" and not isinstance(m["content"], str)
+            else m
+            for m in messages
+        ]
+        if not tools:
+            return self._apply_template(messages)
+        inert_tools = inert_json(list(tools), self.neutralise)
+        text = self._apply_template(messages, tools=inert_tools)
+        if text == self._apply_template(messages):
+            raise InputError(
+                f"the chat template of {type(self.model).__name__} does not render tools, so "
+                "the model would never see them; use a model whose template takes tools= "
+                "(set processor.chat_template to a tools-aware template) or drop tools="
+            )
+        return text
+
+    def _apply_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         try:
             text = self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
+                messages, add_generation_prompt=True, tokenize=False, **kwargs
             )
         except (ValueError, TypeError) as exc:
             raise InputError(
                 f"the chat template of {type(self.model).__name__} rejected the messages: {exc}"
             ) from exc
+        except Exception as exc:  # jinja2 errors a template raises on purpose or by accident
+            if type(exc).__module__.startswith("jinja2"):
+                raise InputError(
+                    f"the chat template of {type(self.model).__name__} failed on the messages "
+                    f"({type(exc).__name__}: {exc}); check that it supports them (tool calls "
+                    "and tool results need a tools-aware template)"
+                ) from exc
+            raise
         return text if isinstance(text, str) else text[0]
 
-    def build_inputs(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
-        """Tokenize a batch (left-padded) through the model's own processor."""
+    def build_inputs(
+        self,
+        conversations: Sequence[Conversation],
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Tokenize a batch (left-padded) through the model's own processor; ``tools``
+        (normalised definitions) are offered to every conversation of the batch."""
         for conv in conversations:
             self.check_modalities(conv)
-        texts = [self.render(conv) for conv in conversations]
+        texts = [self.render(conv, tools) for conv in conversations]
         kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "padding_side": "left"}
         if not self.modalities:
             batch = self.tokenizer(texts, add_special_tokens=False, **kwargs)

@@ -46,6 +46,7 @@ from guardrail.policy.signing import TrustStore
 from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
 from guardrail.result import GuardrailResult, ShadowScore, Usage
 from guardrail.steering import LayerPlan, install_dispatch, run_until, steering_hooks
+from guardrail.tools import ToolCallStreamFilter, normalize_tools, parse_tool_calls, tool_names
 
 log = structlog.get_logger("guardrail")
 
@@ -295,6 +296,7 @@ class Guardrail:
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
         trace_context: Any | Sequence[Any] | None = None,
+        tools: Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> GuardrailResult: ...
 
@@ -308,6 +310,7 @@ class Guardrail:
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
         trace_context: Any | Sequence[Any] | None = None,
+        tools: Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> list[GuardrailResult]: ...
 
@@ -320,6 +323,7 @@ class Guardrail:
         key: str | Sequence[str | None] | None = None,
         sinks: Sequence[EventSink] | None = None,
         trace_context: Any | Sequence[Any] | None = None,
+        tools: Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> GuardrailResult | list[GuardrailResult]:
         """Generate the next assistant turn for one conversation or a batch.
@@ -333,6 +337,9 @@ class Guardrail:
         ``trace_context`` (an OpenTelemetry ``Context``, or one per conversation) is the
         parent of the ``chat`` spans instead of the current span: a server that batches
         requests of different callers keeps each row in its caller's trace.
+        ``tools`` (:mod:`guardrail.tools`) are offered to every conversation through
+        the model's chat template; the calls the model emits are in
+        ``result.tool_calls`` (withheld when the guardrail intervened in enforce mode).
         """
         single = is_single_conversation(messages)
         batch = [as_single_conversation(messages)] if single else list(messages)
@@ -354,6 +361,7 @@ class Guardrail:
             key=key,
             sinks=sinks,
             parents=parents,
+            tools=normalize_tools(tools),
             **generate_kwargs,
         )
         return results[0] if single else results
@@ -381,10 +389,13 @@ class Guardrail:
         policy: PolicyBundle | None = None,
         key: str | None = None,
         sinks: Sequence[EventSink] | None = None,
+        tools: Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> Generator[str | GuardrailResult, None, None]:
         """Yield text chunks as they are generated, then the :class:`GuardrailResult`.
 
+        With ``tools``, the chunks are the text outside tool-call blocks; the calls
+        are in the result only, after the guardrail's decision on them.
         Abandoning the iterator (``close()``, ``break``, garbage collection) stops
         generation and removes the hooks.
         """
@@ -395,6 +406,7 @@ class Guardrail:
             policy=policy,
             key=key,
             sinks=sinks,
+            tools=tools,
             **generate_kwargs,
         )
 
@@ -407,6 +419,7 @@ class Guardrail:
         policy: PolicyBundle | None = None,
         key: str | None = None,
         sinks: Sequence[EventSink] | None = None,
+        tools: Sequence[Any] | None = None,
         **generate_kwargs: Any,
     ) -> Generator[str | GuardrailResult, None, None]:
         """:meth:`stream` with a cancel event the caller can set from any thread."""
@@ -431,6 +444,7 @@ class Guardrail:
                     streamer=streamer,
                     cancel=cancel,
                     sinks=sinks,
+                    tools=offered,
                     **generate_kwargs,
                 )[0]
             except BaseException as exc:  # handed to the consumer below
@@ -438,7 +452,10 @@ class Guardrail:
                 streamer.end()
 
         # Validate input in the caller's thread so errors surface on first next().
+        offered = normalize_tools(tools)
         parse_conversation(messages, limits=self.limits)
+        calls = ToolCallStreamFilter(tool_names(offered)) if offered else None
+        emitted: list[str] = []
         # The worker runs in a copy of the caller's context: spans get the caller's
         # span as parent and events reach sinks in the caller's context.
         context = contextvars.copy_context()
@@ -448,12 +465,20 @@ class Guardrail:
         thread.start()
         try:
             for chunk in streamer:
+                chunk = calls.feed(chunk) if calls is not None and chunk else chunk
                 if chunk:
+                    emitted.append(chunk)
                     yield chunk
             thread.join()
             if "error" in box:
                 raise box["error"]
-            yield box["result"]
+            result: GuardrailResult = box["result"]
+            rest = calls.finish() if calls is not None else ""
+            if result.tool_calls_withheld and not "".join(emitted).strip():
+                rest = result.text  # nothing but withheld calls was written: the refusal
+            if rest:
+                yield rest
+            yield result
         finally:
             cancel.set()
             thread.join()
@@ -532,6 +557,7 @@ class Guardrail:
         cancel: threading.Event | None = None,
         sinks: Sequence[EventSink] | None = None,
         parents: Sequence[Any] | None = None,
+        tools: Sequence[dict[str, Any]] = (),
         **generate_kwargs: Any,
     ) -> list[GuardrailResult]:
         """:meth:`_generate` observed: one span per row, metrics, then events to the sinks.
@@ -545,7 +571,7 @@ class Guardrail:
             batch, max_tokens=max_tokens, parameters=params, parents=parents
         ) as observed:
             results = self._generate(
-                batch, routes=routes, mode=mode, cancel=cancel, **generate_kwargs
+                batch, routes=routes, mode=mode, cancel=cancel, tools=tools, **generate_kwargs
             )
             observed.record(results, tau=None)
         events = build_events(
@@ -591,12 +617,13 @@ class Guardrail:
         routes: Sequence[_Route],
         mode: Mode | None,
         cancel: threading.Event | None = None,
+        tools: Sequence[dict[str, Any]] = (),
         **generate_kwargs: Any,
     ) -> list[GuardrailResult]:
         started = time.perf_counter()
         mode = _check_mode(mode or self.mode)
         convs = [parse_conversation(m, limits=self.limits) for m in batch]
-        inputs = self.adapter.build_inputs(convs)
+        inputs = self.adapter.build_inputs(convs, tools)
         if mode == "enforce" and any(r.policy is None and r.arm != "killed" for r in routes):
             # Never answer unguarded by omission (the kill switch's arm is on purpose).
             raise GuardrailError(
@@ -673,6 +700,9 @@ class Guardrail:
         results = self._results(
             convs, inputs, sequences, plans, policies, routes, mode, errors, started, per_conv
         )
+        if tools:
+            names = tool_names(tools)
+            results = [self._tool_answer(r, c, names) for r, c in zip(results, convs, strict=True)]
         for bundle, built in shadow_of:
             rows = {int(r) for plan in built for r in plan.rows.tolist()}
             scores = row_values(built, n, "score")
@@ -828,6 +858,32 @@ class Guardrail:
                 )
             )
         return results
+
+    def _tool_answer(
+        self, result: GuardrailResult, conv: Conversation, names: frozenset[str]
+    ) -> GuardrailResult:
+        """``result`` with the tool calls of its text parsed out (:mod:`guardrail.tools`).
+
+        Fail closed: in enforce mode, calls are withheld when the guardrail intervened
+        (the policy flagged the request) or the answer is a refusal; the answer is then
+        the text outside the calls, or the refusal message when there is none.
+        """
+        parsed = parse_tool_calls(result.text, names)
+        if not parsed.calls:
+            return result
+        refused = self.refusal_detector(conv.text(), parsed.text)
+        if result.mode == "enforce" and (result.intervened or refused):
+            log.warning("guardrail.tool_calls_withheld", calls=len(parsed.calls))
+            return result.model_copy(
+                update={
+                    "text": parsed.text or self.refusal_message,
+                    "refused": refused or not parsed.text,
+                    "tool_calls_withheld": len(parsed.calls),
+                }
+            )
+        return result.model_copy(
+            update={"text": parsed.text, "refused": refused, "tool_calls": parsed.calls}
+        )
 
     def _blocked(
         self,

@@ -11,6 +11,11 @@ message, is accepted too). ``content`` is a string or a list of parts:
   frames being PIL images, bytes, ``data:`` URIs or paths; the animated image may be
   given as a path, bytes or a ``data:`` URI.
 
+Tool use (:mod:`guardrail.tools`): an assistant message may carry ``"tool_calls"``
+(its ``content`` may then be empty or ``None``), and a ``{"role": "tool", "content":
+..., "tool_call_id": ..., "name": ...}`` message, text only, gives a call's result
+back; it follows the assistant message that made the call (or another tool message).
+
 :func:`parse_conversation` checks everything a hostile or careless caller can get
 wrong and raises :class:`~guardrail.errors.InputError` naming the problem and the
 fix; what it returns is safe to hand to a processor: RGB images of bounded size.
@@ -42,6 +47,7 @@ from guardrail.media import (
     _probe_image,
     _probe_video,
 )
+from guardrail.tools import normalize_tool_call
 
 __all__ = [
     "MODALITIES",
@@ -55,7 +61,7 @@ __all__ = [
     "parse_conversation",
 ]
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MODALITIES = ("text", "image", "video")
 
 
@@ -179,11 +185,17 @@ def parse_conversation(messages: Any, *, limits: InputLimits | None = None) -> C
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise InputError(f"message {i} has an unknown role; use one of {ROLES}")
-        if "content" not in message:
+        extra = _tool_fields(message, role, i, conv.messages)
+        content = message.get("content")
+        if content is None and "tool_calls" in extra:
+            content = ""
+        elif "content" not in message:
             raise InputError(f"message {i} has no 'content'; add a string or a list of parts")
-        parts = _parse_content(message["content"], i, pending, budget)
+        parts = _parse_content(content, i, pending, budget)
+        if role == "tool" and any(p["type"] != "text" for p in parts):
+            raise InputError(f"message {i}: a tool result is text only; remove its media parts")
         total_chars += sum(len(p["text"]) for p in parts if p["type"] == "text")
-        conv.messages.append({"role": role, "content": parts})
+        conv.messages.append({"role": role, "content": parts, **extra})
     if total_chars > limits.max_text_chars:
         raise InputError(
             f"the conversation has {total_chars} characters of text, over the limit of "
@@ -203,6 +215,42 @@ def parse_conversation(messages: Any, *, limits: InputLimits | None = None) -> C
         else:
             conv.videos.append(media.decode())
     return conv
+
+
+def _tool_fields(
+    message: Mapping[str, Any], role: str, index: int, before: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The tool-use fields of one message, validated: an assistant's ``tool_calls``, a
+    tool result's ``tool_call_id`` and ``name``."""
+    out: dict[str, Any] = {}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if role != "assistant":
+            raise InputError(f"message {index}: only assistant messages carry 'tool_calls'")
+        if isinstance(calls, (str, bytes, Mapping)) or not isinstance(calls, Sequence):
+            raise InputError(f"message {index}: 'tool_calls' must be a list of calls")
+        if calls:
+            out["tool_calls"] = [
+                normalize_tool_call(c, f"message {index} tool call {j}")
+                for j, c in enumerate(calls)
+            ]
+    if role == "tool":
+        previous = before[-1] if before else None
+        if previous is None or not (previous["role"] == "tool" or previous.get("tool_calls")):
+            raise InputError(
+                f"message {index} is a tool result with no call before it; put it right after "
+                "the assistant message whose 'tool_calls' asked for it"
+            )
+        for key in ("tool_call_id", "name"):
+            value = message.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or len(value) > 128:
+                raise InputError(
+                    f"message {index}: '{key}' must be a string of at most 128 characters"
+                )
+            out[key] = value
+    return out
 
 
 def _check_media_counts(messages: Sequence[Any], limits: InputLimits) -> None:

@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-__all__ = ["DECISION_FIELDS", "GuardrailResult", "ShadowScore", "Usage"]
+from guardrail.tools import ToolCall
+
+__all__ = ["DECISION_FIELDS", "GuardrailResult", "ShadowScore", "ToolCall", "Usage"]
 
 
 class Usage(BaseModel):
@@ -55,6 +57,14 @@ class GuardrailResult(BaseModel):
     texts: list[str] = Field(default_factory=list)
     """Every returned sequence of this conversation, best first, when ``generate`` was
     asked for several (``num_return_sequences > 1``); ``text`` is ``texts[0]``."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """The calls of offered tools the model emitted (requests with ``tools=`` only);
+    ``text`` is then what it wrote outside them. Empty when the guardrail withheld
+    them (``tool_calls_withheld``)."""
+    tool_calls_withheld: int = 0
+    """How many parsed calls were withheld because, in enforce mode, the guardrail
+    intervened on the request or the answer is a refusal (fail closed: a request the
+    policy flags never reaches a tool)."""
 
     def decision(self) -> dict[str, Any]:
         """The guardrail's decision as a JSON-ready dict (no answer text): what the
@@ -77,5 +87,6 @@ DECISION_FIELDS = frozenset(
         "modalities",
         "latency_s",
         "error",
+        "tool_calls_withheld",
     }
 )

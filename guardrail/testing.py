@@ -31,6 +31,7 @@ __all__ = [
     "VIDEO_ARCHITECTURES",
     "STEER_ALL",
     "cached_tiny_model",
+    "forced_output",
     "png_bytes",
     "random_image",
     "random_policy",
@@ -142,6 +143,38 @@ def with_canary(guard: Any, directory: Any, version: str, share: float = 1.0) ->
     canary = guard.policy.with_version(version).save_pretrained(root / "canary")
     guard.set_rollout({"stable": str(stable), "canary": {"ref": str(canary), "share": share}})
     return guard
+
+
+def forced_output(tokenizer: Any, *texts: str) -> Any:
+    """``generate`` kwargs that make the model write ``texts`` (one per row of the
+    batch, or one for all), then end: a logits processor that leaves only the next
+    token of each text (then end-of-sequence) allowed at every step.
+
+    For tests that need a random-weight model to emit a given answer (a tool call, a
+    JSON object) through the real ``generate`` path: the guardrail's hooks run as
+    always, only the choice of tokens is forced. Pass as
+    ``guard.generate(conversation, **forced_output(tokenizer, text))``.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    targets = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    eos = tokenizer.eos_token_id
+
+    class _Force(LogitsProcessor):
+        start: int | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.start is None:
+                self.start = int(input_ids.shape[1])
+            step = int(input_ids.shape[1]) - self.start
+            forced = torch.full_like(scores, float("-inf"))
+            for row in range(scores.shape[0]):
+                target = targets[row] if len(targets) > 1 else targets[0]
+                forced[row, target[step] if step < len(target) else eos] = 0.0
+            return forced
+
+    return {"logits_processor": LogitsProcessorList([_Force()])}
 
 
 def png_bytes(seed: int = 1, size: int = 32) -> bytes:

@@ -349,4 +349,6 @@ def test_error_messages_never_repeat_caller_values(messages):
 
 def test_unknown_role_is_described_by_position():
     exc = _raised([{"role": "user", "content": "a"}, {"role": "<script>secret", "content": "b"}])
-    assert str(exc) == "message 1 has an unknown role; use one of ('system', 'user', 'assistant')"
+    assert str(exc) == (
+        "message 1 has an unknown role; use one of ('system', 'user', 'assistant', 'tool')"
+    )

@@ -46,6 +46,9 @@ VIDEO_ARCHITECTURES: tuple[str, ...] = ("llava_onevision", "qwen2_vl", "qwen2_5_
 # Architectures whose processor wants ``images`` nested per sample: ``[[img], []]``.
 NESTED_IMAGE_ARCHITECTURES: tuple[str, ...] = ("gemma3", "idefics3", "smolvlm")
 
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+"""The system turn SmolLM2's chat template writes when a conversation has none."""
+
 HIDDEN = 64
 HEADS = 4
 KV_HEADS = 2
@@ -100,23 +103,81 @@ _SPECIAL_TOKENS: dict[str, list[str]] = {
 }
 
 
-def chat_template(image_placeholder: str, video_placeholder: str | None = None) -> str:
-    """A ChatML-like Jinja template that renders text, image and video parts."""
+def chat_template(
+    image_placeholder: str,
+    video_placeholder: str | None = None,
+    *,
+    default_system: str | None = None,
+) -> str:
+    """A ChatML-like Jinja template that renders text, image and video parts, and tools.
+
+    Without ``tools`` and tool messages it renders ``<|im_start|>role\\n...<|im_end|>``
+    turns only. With ``tools=`` (JSON-schema function definitions) it opens with a
+    system turn listing them, one JSON object per line between ``<tools>`` tags (after
+    the caller's own system message, which it absorbs), and asks for calls in the
+    Hermes form, ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``,
+    which :func:`guardrail.tools.parse_tool_calls` reads back. An assistant message's
+    ``tool_calls`` are written in that form after its text; a ``tool`` message becomes
+    a ``tool`` turn holding ``<tool_response>...</tool_response>``.
+
+    ``default_system`` is the system turn written when the conversation has none (as
+    SmolLM2's own template does); the tool list then goes into that turn.
+    """
     video = video_placeholder if video_placeholder is not None else ""
+    if default_system is None:
+        fallback = (
+            "{%- set absorbed = tools and messages and messages[0]['role'] == 'system' -%}"
+            "{%- set default_system = '' -%}"
+        )
+    else:
+        fallback = (
+            "{%- set absorbed = messages and messages[0]['role'] == 'system' -%}"
+            f"{{%- set default_system = {default_system!r} -%}}"
+        )
     return (
-        "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\n' }}"
-        "{%- if message['content'] is string -%}"
-        "{{ message['content'] }}"
+        "{%- macro render(content) -%}"
+        "{%- if content is string -%}"
+        "{{ content }}"
         "{%- else -%}"
-        "{%- for part in message['content'] -%}"
+        "{%- for part in content -%}"
         "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
         f"{{%- elif part['type'] == 'image' -%}}{{{{ {image_placeholder!r} }}}}"
         f"{{%- elif part['type'] == 'video' -%}}{{{{ {video!r} }}}}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- endif -%}"
+        "{%- endmacro -%}" + fallback + "{%- if tools or default_system -%}"
+        "{{ '<|im_start|>system\n' }}"
+        "{%- if absorbed -%}{{ render(messages[0]['content']) }}"
+        "{%- else -%}{{ default_system }}{%- endif -%}"
+        "{%- if tools -%}"
+        "{%- if absorbed or default_system -%}{{ '\n\n' }}{%- endif -%}"
+        "{{ 'You can call tools. Their JSON schemas, one per line:\n<tools>\n' }}"
+        "{%- for tool in tools -%}{{ tool | tojson + '\n' }}{%- endfor -%}"
+        '{{ \'</tools>\nTo call one, write <tool_call>\n{"name": <tool name>, '
+        '"arguments": <JSON object>}\n</tool_call> (one block per call).\' }}'
+        "{%- endif -%}"
         "{{ '<|im_end|>\n' }}"
+        "{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if not (absorbed and loop.first) -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{%- if message['role'] == 'tool' -%}"
+        "{{ '<tool_response>\n' }}{{ render(message['content']) }}{{ '\n</tool_response>' }}"
+        "{%- else -%}"
+        "{{ render(message['content']) }}"
+        "{%- endif -%}"
+        "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        "{%- if not loop.first or render(message['content']) -%}{{ '\n' }}{%- endif -%}"
+        "{{ '<tool_call>\n' }}"
+        "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+        " | tojson }}"
+        "{{ '\n</tool_call>' }}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{ '<|im_end|>\n' }}"
+        "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
     )
@@ -201,6 +262,9 @@ def _build(arch: str, tokenizer: Any, num_layers: int) -> tuple[Any, Any, Any]:
     template = chat_template(*_PLACEHOLDERS[arch]) if arch in _PLACEHOLDERS else None
 
     if arch == "llama":
+        # SmolLM2's own template (which takes no tools) as one that does: the same
+        # prompt for every conversation without tools.
+        tokenizer.chat_template = chat_template("", default_system=SMOLLM2_SYSTEM)
         return tf.LlamaConfig(**text), tf.LlamaForCausalLM, tokenizer
 
     if arch == "llava":
