@@ -41,9 +41,7 @@ def run(app: Any, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> N
 class BackgroundServer:
     """uvicorn serving ``app`` in a daemon thread; ``url`` once entered."""
 
-    def __init__(
-        self, app: Any, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any
-    ):
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any):
         self.host = host
         self.port = port or free_port(host)
         self.server = uvicorn.Server(_config(app, self.host, self.port, **kwargs))

@@ -95,9 +95,7 @@ def test_images_and_video_frames_reach_the_model(llava_server: Live) -> None:
         {"type": "video_frames", "video_frames": [data_uri(s, 24) for s in (4, 5, 6)]},
     ]
     for content, modalities in ((IMAGE_PROMPT, ["image"]), (video, ["video"])):
-        response = client.chat.completions.create(
-            model=MODEL, messages=user(content), max_tokens=4
-        )
+        response = client.chat.completions.create(model=MODEL, messages=user(content), max_tokens=4)
         expected = direct(llava_server, user(content), 4)
         assert response.choices[0].message.content == expected.text
         assert response.model_extra["guardrail"]["modalities"] == modalities
