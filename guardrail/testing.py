@@ -162,12 +162,15 @@ def forced_output(tokenizer: Any, *texts: str) -> Any:
     eos = tokenizer.eos_token_id
 
     class _Force(LogitsProcessor):
-        start: int | None = None
+        start = 0
+        last: int | None = None
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if self.start is None:
-                self.start = int(input_ids.shape[1])
-            step = int(input_ids.shape[1]) - self.start
+            length = int(input_ids.shape[1])
+            if self.last is None or length != self.last + 1:  # a new generate call
+                self.start = length
+            self.last = length
+            step = length - self.start
             forced = torch.full_like(scores, float("-inf"))
             for row in range(scores.shape[0]):
                 target = targets[row] if len(targets) > 1 else targets[0]

@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import functools
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.base import LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
-from pydantic import ConfigDict, Field
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+)
+from langchain_core.runnables.config import get_config_list
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field
 
-from guardrail import Guardrail, GuardrailResult
+from guardrail import Guardrail, GuardrailError, GuardrailResult
+from guardrail.errors import InputError
 from guardrail.observability.events import CallbackSink, GuardrailEvent
 from langchain_mars_guardrail.content import to_conversation
 from langchain_mars_guardrail.events import (
@@ -27,9 +49,43 @@ from langchain_mars_guardrail.events import (
     run_routed,
 )
 
-__all__ = ["ChatMarsGuardrail", "guardrail_metadata"]
+__all__ = ["ChatMarsGuardrail", "GuardrailRefusedError", "guardrail_metadata"]
 
 PROVIDER = "mars_guardrail"
+
+
+class GuardrailRefusedError(GuardrailError):
+    """Structured output was asked for and the guarded answer is a refusal (or the
+    guardrail withheld the model's tool calls): there is nothing to parse.
+
+    ``message`` is the model's reply, with the guardrail decision in its
+    ``response_metadata["guardrail"]``.
+    """
+
+    def __init__(self, message: BaseMessage):
+        decision = message.response_metadata.get("guardrail", {})
+        super().__init__(
+            "the guardrail refused this request, so there is no structured output "
+            f"(policy {decision.get('policy_name')}@{decision.get('policy_version')}, "
+            f"request {decision.get('request_id')})"
+        )
+        self.message = message
+
+
+@dataclass
+class _Prefetched:
+    """One row of a batched ``Guardrail.generate``, waiting for its own run."""
+
+    conversation: list[dict[str, Any]]
+    result: GuardrailResult
+    events: list[GuardrailEvent] = field(default_factory=list)
+    used: bool = False
+
+
+# The prefetched row for the chat model call now running (set by batch / abatch).
+_PREFETCHED: ContextVar[_Prefetched | None] = ContextVar(
+    "langchain_mars_guardrail_prefetched", default=None
+)
 
 
 def guardrail_metadata(result: GuardrailResult) -> dict[str, Any]:
@@ -59,7 +115,12 @@ class ChatMarsGuardrail(BaseChatModel):
     ``guardrail.intervention`` / ``guardrail.refusal`` on the chat model's run (see
     ``astream_events(version="v2")``), with the event's fields as data.
 
-    The guardrail's models have no tool calling or structured output.
+    Tools: ``bind_tools`` offers tools through the model's chat template; the calls
+    the model emits are ``AIMessage.tool_calls`` (see the README for the formats, and
+    for why ``tool_choice`` cannot force a call). ``with_structured_output`` supports
+    ``method="function_calling"`` (default) and ``"json_mode"``. ``batch`` / ``abatch``
+    run each group of up to ``max_concurrency`` inputs as one batched
+    ``Guardrail.generate``.
     """
 
     model_config = ConfigDict(
@@ -171,6 +232,206 @@ class ChatMarsGuardrail(BaseChatModel):
 
     # ------------------------------------------------------------------ requests
 
+    # ------------------------------------------------------------------ tools
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer ``tools`` (anything ``convert_to_openai_tool`` takes) to the model.
+
+        ``tool_choice``: ``None``, ``"auto"``, ``"any"`` or ``"required"`` offer every
+        tool; a tool's name (or ``{"type": "function", "function": {"name": ...}}``)
+        offers that tool alone; ``"none"`` offers none. Nothing forces the model to
+        call a tool: forcing would decide the first generated token, which is where
+        the guardrail steers toward a refusal, so a flagged request could no longer
+        be refused.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        _choose_tools(formatted, tool_choice)  # errors at bind time, not at invoke
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["function_calling", "json_mode", "json_schema"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable returning ``schema``-shaped output.
+
+        ``method="function_calling"`` offers the schema as a tool and parses the
+        model's call of it; ``"json_mode"`` parses the answer's text as JSON (the
+        prompt must ask for it); ``"json_schema"`` does the same and validates the
+        object against ``schema`` (a pydantic model or a JSON schema dict). Decoding is
+        never constrained, for the reason ``bind_tools`` gives for ``tool_choice``, so
+        ``strict`` is accepted and has no effect: a reply that does not fit the schema
+        is a parsing error, never a silently coerced object. A refused
+        request raises :class:`GuardrailRefusedError` (with ``include_raw=True`` it is
+        the ``parsing_error``, next to the raw message).
+        """
+        if kwargs:
+            raise ValueError(f"unsupported arguments {sorted(kwargs)}")
+        is_model = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            llm = self.bind_tools([schema], tool_choice="any", **traced)
+            if is_model:
+                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+            else:
+                name = convert_to_openai_tool(schema)["function"]["name"]
+                parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+        elif method in ("json_mode", "json_schema"):
+            llm = self.bind(**traced)
+            if is_model:
+                parser = PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            elif method == "json_schema":
+                parser = JsonOutputParser() | RunnableLambda(
+                    functools.partial(_validated, schema=convert_to_json_schema(schema))
+                )
+            else:
+                parser = JsonOutputParser()
+        else:
+            raise InputError(
+                f"method={method!r} is not one of 'function_calling', 'json_mode', 'json_schema'"
+            )
+        answered = RunnableLambda(_answered, name="guardrail_answered")
+        if not include_raw:
+            return llm | answered | parser
+        parse = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | answered | parser, parsing_error=lambda _: None
+        )
+        empty = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([empty], exception_key="parsing_error")
+
+    # ------------------------------------------------------------------ batches
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage | Exception]:  # type: ignore[override]
+        """Generate for every input in one batched ``Guardrail.generate`` per group of
+        ``max_concurrency`` inputs (all of them when it is unset).
+
+        Each input still gets its own run (its config's callbacks, tags, metadata and
+        run id, its events), opened after the group's generation; the generation
+        kwargs are the batch's. If the batched call fails (say one input is
+        invalid), each input of the group is generated on its own, so every input
+        gets its own result or error.
+        """
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        out: list[AIMessage | Exception] = []
+        for group in _groups(len(inputs), configs[0].get("max_concurrency")):
+            prefetched = self._prefetch([inputs[i] for i in group], kwargs)
+            for i, pre in zip(group, prefetched, strict=True):
+                token = _PREFETCHED.set(pre)
+                try:
+                    out.append(self.invoke(inputs[i], configs[i], **kwargs))
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    out.append(exc)
+                finally:
+                    _PREFETCHED.reset(token)
+        return out
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage | Exception]:  # type: ignore[override]
+        """Async twin of :meth:`batch` (one batched ``Guardrail.agenerate`` per group)."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        out: list[AIMessage | Exception] = []
+        for group in _groups(len(inputs), configs[0].get("max_concurrency")):
+            prefetched = await self._aprefetch([inputs[i] for i in group], kwargs)
+            for i, pre in zip(group, prefetched, strict=True):
+                token = _PREFETCHED.set(pre)
+                try:
+                    out.append(await self.ainvoke(inputs[i], configs[i], **kwargs))
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    out.append(exc)
+                finally:
+                    _PREFETCHED.reset(token)
+        return out
+
+    def _batch_request(
+        self, inputs: list[LanguageModelInput], kwargs: dict[str, Any]
+    ) -> tuple[list[list[dict[str, Any]]], dict[str, Any], list[GuardrailEvent]] | None:
+        """The conversations and shared options of a batch; None if an input is invalid
+        (each input then goes on its own and reports its own error)."""
+        options = dict(kwargs)
+        stop = options.pop("stop", None)
+        try:
+            requests = [
+                self._request(self._convert_input(x).to_messages(), stop, dict(options))
+                for x in inputs
+            ]
+        except (GuardrailError, ValueError, TypeError):
+            return None
+        shared = requests[0][1]
+        events: list[GuardrailEvent] = []
+        shared["sinks"] = [*shared["sinks"][:-1], CallbackSink(events.append)]
+        return [r[0] for r in requests], shared, events
+
+    def _prefetch(
+        self, inputs: list[LanguageModelInput], kwargs: dict[str, Any]
+    ) -> list[_Prefetched | None]:
+        request = self._batch_request(inputs, kwargs)
+        if request is None:
+            return [None] * len(inputs)
+        conversations, options, events = request
+        try:
+            results = self.guardrail.generate(conversations, **options)
+        except GuardrailError:
+            return [None] * len(inputs)
+        return _rows(conversations, results, events)
+
+    async def _aprefetch(
+        self, inputs: list[LanguageModelInput], kwargs: dict[str, Any]
+    ) -> list[_Prefetched | None]:
+        request = self._batch_request(inputs, kwargs)
+        if request is None:
+            return [None] * len(inputs)
+        conversations, options, events = request
+        try:
+            results = await self.guardrail.agenerate(conversations, **options)
+        except GuardrailError:
+            return [None] * len(inputs)
+        return _rows(conversations, results, events)
+
+    def _take_prefetched(
+        self, conversation: list[dict[str, Any]], events: list[GuardrailEvent]
+    ) -> GuardrailResult | None:
+        """The batch's result for this call's conversation (once), with its events."""
+        pre = _PREFETCHED.get()
+        if pre is None or pre.used or pre.conversation != conversation:
+            return None
+        pre.used = True
+        events.extend(pre.events)
+        return pre.result
+
+    # ------------------------------------------------------------------ requests
+
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str], list[GuardrailEvent]]:
@@ -178,6 +439,11 @@ class ChatMarsGuardrail(BaseChatModel):
         conversation = to_conversation(messages)
         options = {**self.model_kwargs, **kwargs}
         options.pop("model", None)
+        choice = options.pop("tool_choice", None)
+        if options.get("tools"):
+            options["tools"] = _choose_tools(options["tools"], choice)
+        if not options.get("tools"):
+            options.pop("tools", None)
         temperature = options.pop("temperature", self.temperature)
         max_tokens = options.pop("max_tokens", self.max_tokens)
         stops = [s for s in (stop if stop is not None else self.stop or []) if s]
@@ -198,6 +464,10 @@ class ChatMarsGuardrail(BaseChatModel):
     def _message(self, result: GuardrailResult, text: str, stops: Sequence[str]) -> AIMessage:
         return AIMessage(
             content=text,
+            tool_calls=[
+                {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"}
+                for c in result.tool_calls
+            ],
             usage_metadata=_usage(result),
             response_metadata=self._response_metadata(result, text != result.text and bool(stops)),
         )
@@ -220,7 +490,9 @@ class ChatMarsGuardrail(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         conversation, options, stops, events = self._request(messages, stop, kwargs)
-        result = self.guardrail.generate(conversation, **options)
+        result = self._take_prefetched(conversation, events)
+        if result is None:
+            result = self.guardrail.generate(conversation, **options)
         if self.dispatch_events:
             dispatch_events(self, events, run_manager)
         text = _cut(result.text, stops)
@@ -235,8 +507,9 @@ class ChatMarsGuardrail(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         conversation, options, stops, events = self._request(messages, stop, kwargs)
         trimmer = _StopTrimmer(stops)
-        result: GuardrailResult | None = None
-        for item in self.guardrail.stream(conversation, **options):
+        result: GuardrailResult | None = self._take_prefetched(conversation, events)
+        items = [result.text, result] if result is not None else []
+        for item in items or self.guardrail.stream(conversation, **options):
             if isinstance(item, GuardrailResult):
                 result = item
                 break
@@ -256,6 +529,16 @@ class ChatMarsGuardrail(BaseChatModel):
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content=trimmer.finish(),
+                tool_call_chunks=[
+                    {
+                        "name": c.name,
+                        "args": json.dumps(c.arguments),
+                        "id": c.id,
+                        "index": i,
+                        "type": "tool_call_chunk",
+                    }
+                    for i, c in enumerate(result.tool_calls)
+                ],
                 usage_metadata=_usage(result),
                 response_metadata=self._response_metadata(result, trimmer.stopped),
                 chunk_position="last",
@@ -272,7 +555,9 @@ class ChatMarsGuardrail(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         conversation, options, stops, events = self._request(messages, stop, kwargs)
-        result = await self.guardrail.agenerate(conversation, **options)
+        result = self._take_prefetched(conversation, events)
+        if result is None:
+            result = await self.guardrail.agenerate(conversation, **options)
         if self.dispatch_events:
             await adispatch_events(self, events, run_manager)
         text = _cut(result.text, stops)
@@ -287,8 +572,11 @@ class ChatMarsGuardrail(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         conversation, options, stops, events = self._request(messages, stop, kwargs)
         trimmer = _StopTrimmer(stops)
-        result: GuardrailResult | None = None
-        async for item in self.guardrail.astream(conversation, **options):
+        result: GuardrailResult | None = self._take_prefetched(conversation, events)
+        items = [result.text, result] if result is not None else []
+        async for item in (
+            _aiter(items) if items else self.guardrail.astream(conversation, **options)
+        ):
             if isinstance(item, GuardrailResult):
                 result = item
                 break
@@ -302,6 +590,66 @@ class ChatMarsGuardrail(BaseChatModel):
         if self.dispatch_events:
             await adispatch_events(self, events, run_manager)
         yield self._last_chunk(result, trimmer)
+
+
+def _choose_tools(tools: list[dict[str, Any]], choice: Any) -> list[dict[str, Any]]:
+    """The tools a ``tool_choice`` offers (see :meth:`ChatMarsGuardrail.bind_tools`)."""
+    if choice is None or choice is True or choice in ("auto", "any", "required"):
+        return tools
+    if choice is False or choice == "none":
+        return []
+    name = choice
+    if isinstance(choice, Mapping):
+        name = choice.get("function", choice).get("name")
+    names = [t["function"]["name"] for t in tools]
+    if not isinstance(name, str) or name not in names:
+        raise InputError(
+            f"tool_choice {choice!r} names no bound tool; use 'auto', 'any', 'none' or one "
+            f"of {names}"
+        )
+    return [t for t in tools if t["function"]["name"] == name]
+
+
+def _validated(value: Any, schema: dict[str, Any]) -> Any:
+    """``value`` if it fits the JSON ``schema`` (an ``OutputParserException`` otherwise)."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        raise OutputParserException(
+            f"the reply does not fit the schema: {exc.message}", llm_output=json.dumps(value)
+        ) from None
+    return value
+
+
+def _answered(message: BaseMessage) -> BaseMessage:
+    """``message`` unless the guardrail refused it (structured output has nothing to parse)."""
+    decision = message.response_metadata.get("guardrail", {})
+    if decision.get("refused") or decision.get("tool_calls_withheld"):
+        raise GuardrailRefusedError(message)
+    return message
+
+
+def _groups(n: int, size: int | None) -> list[range]:
+    step = size if size and size > 0 else n
+    return [range(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _rows(
+    conversations: list[list[dict[str, Any]]],
+    results: list[GuardrailResult],
+    events: list[GuardrailEvent],
+) -> list[_Prefetched | None]:
+    return [
+        _Prefetched(c, r, [e for e in events if e.request_id == r.request_id])
+        for c, r in zip(conversations, results, strict=True)
+    ]
+
+
+async def _aiter(items: list[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
 
 
 def _check_result(result: GuardrailResult | None) -> GuardrailResult:

@@ -1,8 +1,9 @@
 """LangChain messages to guardrail conversations.
 
 Roles: ``SystemMessage`` -> ``system``, ``HumanMessage`` -> ``user``, ``AIMessage`` ->
-``assistant`` (and a ``ChatMessage`` with one of those roles). Content is a string or
-a list of blocks:
+``assistant`` (its ``tool_calls`` as the assistant message's ``tool_calls``),
+``ToolMessage`` -> ``tool`` (text only, with its ``tool_call_id`` and ``name``), and a
+``ChatMessage`` with one of those roles. Content is a string or a list of blocks:
 
 * text: a plain string, ``{"type": "text", "text": ...}``;
 * images, as LangChain content blocks (both the v0 ``source_type`` form and the v1
@@ -32,6 +33,7 @@ from langchain_core.messages import (
     ChatMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
 )
 
 from guardrail.errors import InputError
@@ -44,6 +46,7 @@ _ROLES = {
     "human": "user",
     "assistant": "assistant",
     "ai": "assistant",
+    "tool": "tool",
 }
 # Blocks an assistant turn may carry that hold no text for the model to read back.
 _SKIPPED_ASSISTANT_BLOCKS = {"reasoning", "thinking", "tool_call", "tool_use", "tool_call_chunk"}
@@ -54,7 +57,21 @@ def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     conversation = []
     for index, message in enumerate(messages):
         role = _role(message, index)
-        conversation.append({"role": role, "content": to_parts(message.content, index, role)})
+        entry: dict[str, Any] = {"role": role, "content": to_parts(message.content, index, role)}
+        if isinstance(message, AIMessage) and message.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "id": call.get("id"),
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["args"]},
+                }
+                for call in message.tool_calls
+            ]
+        elif isinstance(message, ToolMessage):
+            entry["tool_call_id"] = message.tool_call_id
+            if message.name:
+                entry["name"] = message.name
+        conversation.append(entry)
     return conversation
 
 
@@ -65,11 +82,13 @@ def _role(message: BaseMessage, index: int) -> str:
         return "user"
     if isinstance(message, AIMessage):
         return "assistant"
+    if isinstance(message, ToolMessage):
+        return "tool"
     if isinstance(message, ChatMessage) and message.role.lower() in _ROLES:
         return _ROLES[message.role.lower()]
     raise InputError(
         f"message {index} is a {type(message).__name__} (type {message.type!r}); the guardrail "
-        "takes system, human and AI messages only (its models have no tool calling)"
+        "takes system, human, AI and tool messages"
     )
 
 
@@ -92,10 +111,12 @@ def to_parts(
         kind = block.get("type")
         if kind == "text":
             parts.append({"type": "text", "text": str(block.get("text", ""))})
-        elif kind in ("image", "image_url"):
+        elif kind in ("image", "image_url") and role != "tool":
             parts.append({"type": "image", "image": _image(block, where)})
         elif role == "assistant" and kind in _SKIPPED_ASSISTANT_BLOCKS:
             continue
+        elif role == "tool":
+            raise InputError(f"{where} has type {kind!r}; a tool result is text blocks only")
         else:
             raise InputError(
                 f"{where} has type {kind!r}; the guardrail accepts text and image blocks "

@@ -8,7 +8,12 @@ from uuid import UUID
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_mars_guardrail import ChatMarsGuardrail, to_conversation
@@ -205,8 +210,8 @@ def test_message_roles_map_to_the_chat_format() -> None:
             "content": [{"type": "text", "text": "plain"}, {"type": "text", "text": "block"}],
         },
     ]
-    with pytest.raises(InputError, match="ToolMessage"):
-        to_conversation([HumanMessage("h"), ToolMessage("result", tool_call_id="1")])
+    with pytest.raises(InputError, match="FunctionMessage"):
+        to_conversation([HumanMessage("h"), FunctionMessage("result", name="f")])
 
 
 def test_stop_sequences_cut_the_answer(guard: Guardrail) -> None:

@@ -83,12 +83,12 @@ def test_image_block_sources(guard: Guardrail, tmp_path, source: str) -> None:
     assert response.message.content == reference(guard).text
 
 
-def test_remote_images_and_tool_roles_are_rejected(guard: Guardrail) -> None:
+def test_remote_images_and_unknown_roles_are_rejected(guard: Guardrail) -> None:
     llm = MarsGuardrailLLM(guardrail=guard)
     with pytest.raises(InputError, match="not fetched"):
         llm.chat([image_message(ImageBlock(url="https://example.com/cat.png"))])
-    with pytest.raises(InputError, match="role 'tool'"):
-        to_conversation([ChatMessage(role=MessageRole.TOOL, content="42")])
+    with pytest.raises(InputError, match="role 'function'"):
+        to_conversation([ChatMessage(role=MessageRole.FUNCTION, content="42")])
 
 
 def test_stream_chat_and_async_twins_match_chat(guard: Guardrail) -> None:

@@ -1,6 +1,10 @@
 """LlamaIndex integration of mars-guardrail: a guarded local multimodal LLM."""
 
-from llama_index.llms.mars_guardrail.base import MarsGuardrailLLM, to_conversation
+from llama_index.llms.mars_guardrail.base import (
+    GuardrailWithheldToolCallsError,
+    MarsGuardrailLLM,
+    to_conversation,
+)
 from llama_index.llms.mars_guardrail.events import (
     GuardrailInterventionEvent,
     GuardrailRefusalEvent,
@@ -9,6 +13,7 @@ from llama_index.llms.mars_guardrail.events import (
 __all__ = [
     "GuardrailInterventionEvent",
     "GuardrailRefusalEvent",
+    "GuardrailWithheldToolCallsError",
     "MarsGuardrailLLM",
     "to_conversation",
 ]

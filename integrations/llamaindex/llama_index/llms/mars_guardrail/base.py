@@ -19,18 +19,20 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
     ThinkingBlock,
+    ToolCallBlock,
     VideoBlock,
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 from llama_index.llms.mars_guardrail.events import adispatch, dispatch
 from pydantic import Field
 
 from guardrail import Guardrail, GuardrailResult
-from guardrail.errors import InputError
+from guardrail.errors import GuardrailError, InputError
 from guardrail.observability.events import CallbackSink, GuardrailEvent
 
-__all__ = ["MarsGuardrailLLM", "to_conversation"]
+__all__ = ["GuardrailWithheldToolCallsError", "MarsGuardrailLLM", "to_conversation"]
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -39,7 +41,23 @@ _ROLES = {
     MessageRole.ASSISTANT: "assistant",
     MessageRole.CHATBOT: "assistant",
     MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
 }
+
+
+class GuardrailWithheldToolCallsError(GuardrailError, ValueError):
+    """Tool calls were asked for, and the guardrail withheld the model's calls (the
+    request was steered or the answer is a refusal). ``response`` is the reply, with
+    the decision in ``response.additional_kwargs["guardrail"]``."""
+
+    def __init__(self, response: ChatResponse):
+        decision = response.additional_kwargs.get("guardrail", {})
+        super().__init__(
+            f"the guardrail withheld {decision.get('tool_calls_withheld')} tool call(s) of "
+            f"request {decision.get('request_id')} (policy {decision.get('policy_name')}@"
+            f"{decision.get('policy_version')}): the request was refused, so no tool runs"
+        )
+        self.response = response
 
 
 def to_conversation(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -55,25 +73,46 @@ def to_conversation(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if role is None:
             raise InputError(
                 f"message {index} has role {message.role.value!r}; the guardrail takes system, "
-                "user and assistant messages (its models have no tool calling)"
+                "user, assistant and tool messages"
             )
         parts: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
         for j, block in enumerate(message.blocks):
             where = f"message {index} block {j}"
             if isinstance(block, TextBlock):
                 parts.append({"type": "text", "text": block.text})
-            elif isinstance(block, ImageBlock):
+            elif isinstance(block, ImageBlock) and role != "tool":
                 parts.append({"type": "image", "image": _image(block, where)})
-            elif isinstance(block, VideoBlock) and block.path is not None:
+            elif isinstance(block, VideoBlock) and block.path is not None and role != "tool":
                 parts.append({"type": "video", "video": str(block.path)})
             elif isinstance(block, ThinkingBlock) and role == "assistant":
                 continue
+            elif isinstance(block, ToolCallBlock) and role == "assistant":
+                calls.append(
+                    {
+                        "id": block.tool_call_id,
+                        "type": "function",
+                        "function": {"name": block.tool_name, "arguments": block.tool_kwargs},
+                    }
+                )
+            elif role == "tool":
+                raise InputError(
+                    f"{where} is a {type(block).__name__}; a tool result is text blocks only"
+                )
             else:
                 raise InputError(
                     f"{where} is a {type(block).__name__}; the guardrail accepts TextBlock, "
                     "ImageBlock and VideoBlock(path=frames directory or animated GIF)"
                 )
-        conversation.append({"role": role, "content": parts})
+        entry: dict[str, Any] = {"role": role, "content": parts}
+        if calls:
+            entry["tool_calls"] = calls
+        if role == "tool":
+            extra = message.additional_kwargs
+            entry["tool_call_id"] = extra.get("tool_call_id")
+            if extra.get("name") or extra.get("tool_name"):
+                entry["name"] = extra.get("name") or extra.get("tool_name")
+        conversation.append(entry)
     return conversation
 
 
@@ -96,7 +135,7 @@ def _image(block: ImageBlock, where: str) -> Any:
     raise InputError(f"{where}: ImageBlock has no image, path or url")
 
 
-class MarsGuardrailLLM(CustomLLM):
+class MarsGuardrailLLM(FunctionCallingLLM):
     """A local multimodal LLM guarded by MARS, as a LlamaIndex LLM.
 
     Example:
@@ -108,8 +147,15 @@ class MarsGuardrailLLM(CustomLLM):
         llm.chat([ChatMessage(role="user", blocks=[ImageBlock(path="cat.png"), TextBlock(text="What is this?")])])
         ```
 
-    Responses carry the guardrail decision in ``additional_kwargs["guardrail"]`` (and
-    ``raw``), token counts in ``raw["usage"]``. Interventions and refusals are
+    Responses carry the guardrail decision in the *response's*
+    ``additional_kwargs["guardrail"]`` (and ``raw``; not on ``response.message``),
+    token counts in ``raw["usage"]``.
+
+    Function calling (``chat_with_tools``, ``predict_and_call``, ``FunctionAgent``):
+    tools reach the model through its chat template; its calls come back as
+    ``ToolCallBlock``s of the reply (``get_tool_calls_from_response``). Nothing forces
+    a call (``tool_required`` is not enforced): forcing would decide the first
+    generated token, which is where the guardrail steers toward a refusal. Interventions and refusals are
     dispatched as :class:`GuardrailInterventionEvent` / :class:`GuardrailRefusalEvent`
     through the LlamaIndex instrumentation dispatcher.
     """
@@ -145,6 +191,7 @@ class MarsGuardrailLLM(CustomLLM):
             context_window=int(window),
             num_output=self.max_tokens or self.guardrail.max_new_tokens,
             is_chat_model=True,
+            is_function_calling_model=True,
             model_name=self.model_name or self.guardrail.telemetry.model,
         )
 
@@ -153,6 +200,9 @@ class MarsGuardrailLLM(CustomLLM):
     def _options(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[GuardrailEvent]]:
         options = {**self.generate_kwargs, **kwargs}
         options.pop("formatted", None)
+        options.pop("tool_choice", None)  # nothing forces a call (see the class docstring)
+        if not options.get("tools"):
+            options.pop("tools", None)
         temperature = options.pop("temperature", self.temperature)
         max_tokens = options.pop("max_tokens", self.max_tokens)
         if temperature:
@@ -181,8 +231,13 @@ class MarsGuardrailLLM(CustomLLM):
         }
 
     def _chat_response(self, result: GuardrailResult) -> ChatResponse:
+        blocks: list[Any] = [TextBlock(text=result.text)]
+        blocks += [
+            ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments)
+            for c in result.tool_calls
+        ]
         return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+            message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks),
             raw=self._raw(result),
             additional_kwargs={"guardrail": result.decision()},
         )
@@ -271,6 +326,70 @@ class MarsGuardrailLLM(CustomLLM):
     ) -> ChatResponseAsyncGen:
         return self._astream_chat(messages, kwargs)
 
+    # ------------------------------------------------------------------ tools
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` kwargs of a tool call: the messages and the tools' JSON schemas.
+
+        ``tool_required`` is accepted and not enforced (see the class docstring)."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg))
+        elif user_msg is not None:
+            messages.append(user_msg)
+        specs = [tool.metadata.to_openai_tool() for tool in tools]
+        return {"messages": messages, "tools": specs or None, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[Any],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Only the first call unless parallel calls are allowed."""
+        if not allow_parallel_tool_calls:
+            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+            for extra in calls[1:]:
+                response.message.blocks.remove(extra)
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The reply's tool calls as ``ToolSelection``s.
+
+        Raises:
+            GuardrailWithheldToolCallsError: the guardrail withheld the model's calls
+                (checked even when ``error_on_no_tool_call`` is false: a refused
+                request must not look like one that needed no tool).
+            ValueError: no call and ``error_on_no_tool_call``.
+        """
+        selections = [
+            ToolSelection(
+                tool_id=b.tool_call_id or "",
+                tool_name=b.tool_name,
+                tool_kwargs=b.tool_kwargs if isinstance(b.tool_kwargs, dict) else {},
+            )
+            for b in response.message.blocks
+            if isinstance(b, ToolCallBlock)
+        ]
+        if not selections:
+            if response.additional_kwargs.get("guardrail", {}).get("tool_calls_withheld"):
+                raise GuardrailWithheldToolCallsError(response)
+            if error_on_no_tool_call:
+                raise ValueError("the model made no tool call")
+        return selections
+
     # ------------------------------------------------------------------ completion
 
     @llm_completion_callback()
@@ -313,7 +432,7 @@ def _partial(text: str, delta: str) -> ChatResponse:
 
 def _completion(response: ChatResponse) -> CompletionResponse:
     return CompletionResponse(
-        text=response.message.content or "",
+        text=response.message.content or "",  # the text blocks (tool calls are on chat only)
         delta=response.delta,
         raw=response.raw,
         additional_kwargs=dict(response.additional_kwargs),
