@@ -1,0 +1,191 @@
+"""``guardrail serve``: the OpenAI-compatible guarded chat server (:mod:`guardrail.serve`).
+
+Everything that can be checked without the model is checked first: the server
+packages, the engine, the policy bundle (or registry reference), the rollout
+config, the trust store, the admin token and the port. Only then is the model
+loaded, the guardrail built and the server started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from guardrail.cli.common import EXIT_OK, model_args, positive_int
+from guardrail.errors import GuardrailError, InputError
+
+ENGINES = ("transformers", "vllm")
+
+
+def _require_packages() -> None:
+    missing = []
+    for module in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise GuardrailError(
+            f"guardrail serve needs {', '.join(missing)}; install the server extra: "
+            "pip install 'mars-guardrail[serve]'"
+        )
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host"
+            ) from None
+
+
+def _logger() -> Any:
+    """JSON lines on stderr for this process (the application configures its own logger;
+    nothing is configured globally)."""
+    import structlog
+
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require_packages()
+    if args.batch_window_ms < 0 or args.request_timeout <= 0:
+        raise InputError("--batch-window-ms must be >= 0 and --request-timeout > 0")
+    if args.engine != "transformers":
+        raise InputError(
+            f"--engine {args.engine} is not available in this version; use --engine transformers"
+        )
+    from guardrail.models import organism
+    from guardrail.policy import PolicyBundle
+    from guardrail.policy.rollout import RolloutConfig, is_path_like
+    from guardrail.serve.admin import load_admin_token
+
+    policy: Any = args.policy
+    if policy is None and args.rollout is None and args.mode != "off":
+        if args.model != "organism":
+            raise InputError(
+                "--policy or --rollout is required in enforce and shadow mode; pass a bundle "
+                "directory or registry reference, or --mode off for unguarded serving"
+            )
+        policy = str(organism.POLICY_DIR)
+    registry = None
+    if args.registry:
+        from guardrail.policy.registry import PolicyRegistry
+
+        registry = PolicyRegistry(args.registry)
+    if isinstance(policy, str) and (is_path_like(policy) or Path(policy).is_dir()):
+        policy = PolicyBundle.from_pretrained(policy)  # integrity-checked before the model loads
+    elif isinstance(policy, str):
+        if registry is None:
+            raise InputError(
+                f"--policy {policy!r} is not a bundle directory; pass one, or a registry "
+                "reference such as 'name@^1' together with --registry DIR"
+            )
+        registry.resolve(policy)  # the reference parses and names a published version
+    if args.rollout:
+        RolloutConfig.from_file(args.rollout)  # parses, names the field and fix
+    trust_store = None
+    if args.trust_store:
+        from guardrail.policy.signing import TrustStore
+
+        trust_store = TrustStore.from_dir(args.trust_store)
+    token = load_admin_token(args.admin_token_file)
+    _check_port(args.host, args.port)
+
+    from guardrail.cli.common import load_model
+    from guardrail.guardrail import Guardrail
+    from guardrail.limits import InputLimits
+    from guardrail.serve import ServeConfig, TransformersEngine, create_app
+    from guardrail.serve.server import run
+
+    log = _logger()
+    log.info("guardrail.serve.loading", model=args.model)
+    model, processor = load_model(args)
+    guard = Guardrail(
+        model,
+        processor,
+        policy,
+        mode=args.mode,
+        trust_store=trust_store,
+        registry=registry,
+        rollout=args.rollout,
+        max_new_tokens=args.max_new_tokens,
+        limits=InputLimits(allow_paths=False),  # network callers never name server files
+    )
+    engine = TransformersEngine(
+        guard,
+        max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000.0,
+        max_queue=args.max_queue,
+    )
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model,
+        max_new_tokens=args.max_new_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        request_timeout_s=args.request_timeout,
+        allow_remote_images=args.allow_remote_images,
+        admin_token=token,
+    )
+    app = create_app(engine, config, logger=log)
+    log.info(
+        "guardrail.serve.listening",
+        url=f"http://{args.host}:{args.port}",
+        admin_api=token is not None,
+        max_batch_size=args.max_batch_size,
+    )
+    run(app, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", help="serve an OpenAI-compatible chat API with the guardrail in the loop"
+    )
+    model_args(p)
+    p.add_argument(
+        "--policy",
+        help="policy bundle directory or registry reference (default for --model organism: "
+        "the organism's own bundle)",
+    )
+    p.add_argument("--rollout", help="rollout config (.json, .yaml or .yml)")
+    p.add_argument("--registry", help="local registry root for references such as name@^1")
+    p.add_argument("--trust-store", help="directory of <key_id>.pub keys; require signatures")
+    p.add_argument("--mode", choices=["enforce", "shadow", "off"], default="enforce")
+    p.add_argument("--engine", choices=ENGINES, default="transformers")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="default length")
+    p.add_argument(
+        "--max-tokens-limit", type=positive_int, default=1024, help="most a request may ask for"
+    )
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="1: batching off")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="how long a request waits for others"
+    )
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests; then 429")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds; then 504")
+    p.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (off: data: URIs only)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        help="file holding the admin bearer token (default: $GUARDRAIL_ADMIN_TOKEN; "
+        "neither: the admin API is off)",
+    )
+    p.add_argument("--json", action="store_true", help="errors as JSON on stdout")
+    p.set_defaults(func=cmd_serve)
