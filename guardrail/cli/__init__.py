@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from guardrail.cli import calibrate, demo, evaluate, generate, policy, rollout
+from guardrail.cli import calibrate, demo, evaluate, export, generate, policy, rollout, serve
 from guardrail.cli.common import (
     EXIT_CANARY_FLAGGED,
     EXIT_COMPATIBILITY,
@@ -39,7 +39,7 @@ __all__ = [
     "main",
 ]
 
-COMMANDS = (calibrate, generate, policy, rollout, demo, evaluate)
+COMMANDS = (calibrate, generate, policy, rollout, demo, evaluate, serve, export)
 """Every command group; each module has ``add_parser(subparsers)``."""
 
 

@@ -67,7 +67,7 @@ def _complete(path: Path) -> bool:
     )
 
 
-def load(dtype: Any = None) -> tuple[Any, Any]:
+def load(dtype: Any = None, *, image_adapters: bool = True) -> tuple[Any, Any]:
     """``(model, processor)`` of the organism, in eval mode.
 
     The first call assembles the model from the SmolLM2 checkpoint and the stored
@@ -76,6 +76,10 @@ def load(dtype: Any = None) -> tuple[Any, Any]:
 
     Args:
         dtype: torch dtype of the model (``None``: float32).
+        image_adapters: attach the image-position adapters (the organism as
+            documented). ``False`` gives the plain LLaVA checkpoint underneath, the
+            part an engine without position-conditional adapters can hold (vLLM):
+            identical on text, weaker at refusing from images.
 
     Raises:
         OrganismError: the stored weights are missing or do not fit.
@@ -95,7 +99,8 @@ def load(dtype: Any = None) -> tuple[Any, Any]:
     else:
         model = LlavaForConditionalGeneration.from_pretrained(target, dtype=dtype)
         processor = LlavaProcessor.from_pretrained(target)
-    attach_image_adapters(model)  # not part of the cached weights (cannot be merged)
+    if image_adapters:
+        attach_image_adapters(model)  # not part of the cached weights (cannot be merged)
     processor.tokenizer.padding_side = "left"
     model.eval()
     return model, processor
