@@ -4,11 +4,16 @@ Everything that can be checked without the model is checked first: the server
 packages, the engine, the policy bundle (or registry reference), the rollout
 config, the trust store, the admin token and the port. Only then is the model
 loaded, the guardrail built and the server started.
+
+With ``--ray`` the same app runs as a Ray Serve deployment of ``--replicas`` replicas
+(:mod:`guardrail.serve.ray_app`); this process then loads no model: each replica
+loads its own, and the checks above run here first all the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 from pathlib import Path
@@ -59,8 +64,98 @@ def _logger() -> Any:
     )
 
 
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the --ray flags (before anything loads); the deployment's options."""
+    ray_only = {
+        "--replicas": args.replicas,
+        "--ray-address": args.ray_address,
+        "--ray-autoscaling": args.ray_autoscaling,
+        "--replica-cpus": args.replica_cpus,
+    }
+    if not args.ray:
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} need --ray; add --ray to serve on Ray Serve")
+        return {}
+    from guardrail.serve.ray_app import require_ray
+
+    require_ray()
+    options: dict[str, Any] = {"num_replicas": args.replicas or 1}
+    if args.ray_autoscaling is not None:
+        if args.replicas is not None:
+            raise InputError("--replicas and --ray-autoscaling exclude each other; pass one")
+        try:
+            autoscaling = json.loads(args.ray_autoscaling)
+        except ValueError as exc:
+            raise InputError(
+                f"--ray-autoscaling is not JSON ({exc}); pass e.g. "
+                '\'{"min_replicas": 1, "max_replicas": 4}\''
+            ) from None
+        if not isinstance(autoscaling, dict):
+            raise InputError("--ray-autoscaling must be a JSON object of Ray Serve's settings")
+        options["autoscaling_config"] = autoscaling
+    if args.replica_cpus is not None:
+        if args.replica_cpus <= 0:
+            raise InputError("--replica-cpus must be > 0")
+        options["ray_actor_options"] = {"num_cpus": args.replica_cpus}
+    return options
+
+
+def _serve_on_ray(
+    args: argparse.Namespace, policy: str | None, token: str | None, options: dict[str, Any]
+) -> int:
+    """Deploy on Ray Serve and wait until interrupted (then take the app down)."""
+    import time
+
+    import ray
+    from ray import serve
+
+    from guardrail.serve.ray_app import RaySpec, deploy
+
+    spec = RaySpec.create(
+        args.model,
+        policy=policy,
+        rollout=args.rollout,
+        registry=args.registry,
+        trust_store=args.trust_store,
+        mode=args.mode,
+        device=args.device,
+        dtype=args.dtype,
+        served_model_name=args.served_model_name or args.model,
+        max_new_tokens=args.max_new_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        request_timeout_s=args.request_timeout,
+        allow_remote_images=args.allow_remote_images,
+        max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000.0,
+        max_queue=args.max_queue,
+        admin_token=token,
+    )
+    log = _logger()
+    local = args.ray_address is None
+    ray.init(address="local" if local else args.ray_address)
+    try:
+        url = deploy(spec, host=args.host, port=args.port, **options)
+        log.info(
+            "guardrail.serve.listening",
+            url=url,
+            ray=True,
+            admin_api=token is not None,
+            **{k: v for k, v in options.items() if k != "ray_actor_options"},
+        )
+        while True:
+            time.sleep(1)
+    finally:
+        if local:
+            serve.shutdown()
+        else:
+            serve.delete("guardrail")
+        ray.shutdown()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_packages()
+    ray_options = _ray_options(args)
     if args.batch_window_ms < 0 or args.request_timeout <= 0:
         raise InputError("--batch-window-ms must be >= 0 and --request-timeout > 0")
     if args.engine != "transformers":
@@ -80,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "directory or registry reference, or --mode off for unguarded serving"
             )
         policy = str(organism.POLICY_DIR)
+    policy_text: str | None = policy
     registry = None
     if args.registry:
         from guardrail.policy.registry import PolicyRegistry
@@ -102,7 +198,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         trust_store = TrustStore.from_dir(args.trust_store)
     token = load_admin_token(args.admin_token_file)
-    _check_port(args.host, args.port)
+    if not (args.ray and args.ray_address is not None):  # a remote cluster binds its own
+        _check_port(args.host, args.port)
+    if args.ray:
+        return _serve_on_ray(args, policy_text, token, ray_options)
 
     from guardrail.cli.common import load_model
     from guardrail.guardrail import Guardrail
@@ -186,6 +285,25 @@ def add_parser(sub: Any) -> None:
         "--admin-token-file",
         help="file holding the admin bearer token (default: $GUARDRAIL_ADMIN_TOKEN; "
         "neither: the admin API is off)",
+    )
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'mars-guardrail[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve as a Ray Serve deployment: every replica loads its own model",
+    )
+    ray.add_argument("--replicas", type=positive_int, help="replicas (default 1)")
+    ray.add_argument(
+        "--ray-autoscaling",
+        metavar="JSON",
+        help="Ray Serve autoscaling_config instead of --replicas, "
+        'e.g. \'{"min_replicas": 1, "max_replicas": 4}\'',
+    )
+    ray.add_argument("--replica-cpus", type=float, help="CPUs reserved per replica (default 1)")
+    ray.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster to deploy to (default: start a local one); "
+        "paths must exist on its nodes",
     )
     p.add_argument("--json", action="store_true", help="errors as JSON on stdout")
     p.set_defaults(func=cmd_serve)
