@@ -545,6 +545,7 @@ class _ReplicaMiddleware:
         from guardrail.serve.errors import error_body
 
         sync = self.sync
+        path, method = scope.get("path", ""), scope.get("method", "")
         acquiring = asyncio.ensure_future(asyncio.to_thread(sync.lock.acquire))
         try:
             await asyncio.shield(acquiring)
@@ -558,6 +559,16 @@ class _ReplicaMiddleware:
                 message = (
                     f"{sync.store_error}; an admin change now would reach this replica only, "
                     "so it is refused. Retry when GET /ready shows no store_error"
+                )
+                await self._respond(send, 503, error_body(message, "service_unavailable"))
+                return
+            if sync.error is not None and not (path == "/admin/rollout" and method == "PUT"):
+                # An arm change would act on the rollout this replica still holds, not on
+                # the stored one it failed to apply; a whole new rollout is the fix.
+                message = (
+                    f"this replica does not serve the current rollout ({sync.error}); PUT "
+                    "/admin/rollout with a rollout every replica can load, or retry (another "
+                    "replica may take the change)"
                 )
                 await self._respond(send, 503, error_body(message, "service_unavailable"))
                 return

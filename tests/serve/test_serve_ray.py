@@ -133,6 +133,95 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             ray.shutdown()
 
 
+# ----------------------------------------------------------------------------- without a cluster
+# (first: they run before the module's Ray instance starts)
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("guardrail.cli.common.load_model", refuse)
+
+
+def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
+
+
+def test_ray_without_ray_installed_names_the_extra(
+    no_model: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    code, out = run_json(["serve", "--model", "tiny-llama", "--ray", "--replicas", "2"], capsys)
+    assert code == 1 and out["error"]["type"] == "GuardrailError"
+    assert "pip install 'mars-guardrail[ray]'" in out["error"]["message"]
+
+
+def test_ray_flags_are_checked_before_the_model_loads(
+    no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["serve", "--model", "tiny-llama", "--mode", "off"]
+    code, out = run_json([*base, "--replicas", "2"], capsys)
+    assert code == 1 and "need --ray" in out["error"]["message"]
+    pytest.importorskip("ray", reason="ray[serve] is not installed (the 'ray' extra)")
+    code, out = run_json([*base, "--ray", "--ray-autoscaling", "{min"], capsys)
+    assert code == 1 and "--ray-autoscaling is not JSON" in out["error"]["message"]
+    code, out = run_json(
+        [*base, "--ray", "--replicas", "2", "--ray-autoscaling", '{"max_replicas": 2}'], capsys
+    )
+    assert code == 1 and "exclude each other" in out["error"]["message"]
+
+
+def test_the_spec_carries_absolute_paths_and_the_parsed_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardrail.policy.rollout import RolloutConfigError
+    from guardrail.serve.ray_app import RaySpec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    rollout = tmp_path / "conf" / "rollout.yaml"
+    rollout.write_text("stable: ./b1\ncanary: {ref: ./b2, share: 0.25}\n")
+    spec = RaySpec.create(MODEL, policy="./b1", rollout="conf/rollout.yaml", registry="reg")
+    assert spec.policy == str(tmp_path / "b1") and spec.registry == str(tmp_path / "reg")
+    assert spec.rollout == {
+        "config": {
+            "stable": "./b1",
+            "canary": {"ref": "./b2", "share": 0.25, "sticky_key": "user"},
+            "shadow": [],
+            "kill_switch": False,
+            "salt": None,
+        },
+        "base_dir": str(tmp_path / "conf"),  # relative refs resolve next to the file
+    }
+    assert TOKEN not in repr(RaySpec.create(MODEL, admin_token=TOKEN))  # never in a log line
+    with pytest.raises(RolloutConfigError, match="canary.share"):
+        RaySpec.create(MODEL, rollout={"stable": "./b1", "canary": {"ref": "./b2", "share": 2}})
+
+
+def test_app_builder_checks_its_arguments(tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed (the 'ray' extra)")
+    from ray import serve
+
+    from guardrail.errors import InputError
+    from guardrail.serve.ray_app import app_builder
+
+    with pytest.raises(InputError, match="unknown app_builder argument"):
+        app_builder({"model": MODEL, "replica": "2"})
+    with pytest.raises(InputError, match="needs model="):
+        app_builder({"replicas": "2"})
+    with pytest.raises(InputError, match="is not a number"):
+        app_builder({"model": MODEL, "mode": "off", "replicas": "two"})
+    app = app_builder({"model": MODEL, "mode": "off", "replicas": "3"})
+    assert isinstance(app, serve.Application)
+
+
+# ----------------------------------------------------------------------------- on the cluster
+
+
 def test_requests_are_spread_over_both_replicas(cluster: Cluster) -> None:
     import openai
 
@@ -279,44 +368,3 @@ def test_killing_a_replica_loses_no_request_and_its_successor_syncs(cluster: Clu
         )
     assert victim not in seen
     assert seen[new["id"]] == {("1.1.0", "stable")}
-
-
-# ----------------------------------------------------------------------------- the CLI
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the model was loaded before the inputs were checked")
-
-    monkeypatch.setattr("guardrail.cli.common.load_model", refuse)
-
-
-def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-    code = main([*argv, "--json"])
-    out = capsys.readouterr().out.strip().splitlines()
-    return code, json.loads(out[-1])
-
-
-def test_ray_without_ray_installed_names_the_extra(
-    no_model: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    code, out = run_json(["serve", "--model", "tiny-llama", "--ray", "--replicas", "2"], capsys)
-    assert code == 1 and out["error"]["type"] == "GuardrailError"
-    assert "pip install 'mars-guardrail[ray]'" in out["error"]["message"]
-
-
-def test_ray_flags_are_checked_before_the_model_loads(
-    no_model: None, capsys: pytest.CaptureFixture[str]
-) -> None:
-    base = ["serve", "--model", "tiny-llama", "--mode", "off"]
-    code, out = run_json([*base, "--replicas", "2"], capsys)
-    assert code == 1 and "need --ray" in out["error"]["message"]
-    pytest.importorskip("ray", reason="ray[serve] is not installed (the 'ray' extra)")
-    code, out = run_json([*base, "--ray", "--ray-autoscaling", "{min"], capsys)
-    assert code == 1 and "--ray-autoscaling is not JSON" in out["error"]["message"]
-    code, out = run_json(
-        [*base, "--ray", "--replicas", "2", "--ray-autoscaling", '{"max_replicas": 2}'], capsys
-    )
-    assert code == 1 and "exclude each other" in out["error"]["message"]
