@@ -7,7 +7,7 @@ with per-row parameters, so the whole batch runs in one forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from guardrail.messages import Conversation
 from guardrail.policy.bundle import PolicyBundle
 from guardrail.steering import LayerPlan, first_positions, last_positions
 
-__all__ = ["build_plans", "inapplicable", "policy_tensors", "row_values"]
+__all__ = ["build_plans", "inapplicable", "policy_tensors", "recentring_offset", "row_values"]
 
 
 def inapplicable(policy: PolicyBundle | None, conv: Conversation) -> str | None:
@@ -47,6 +47,32 @@ def policy_tensors(
         entry = (policy, {k: v.to(device) for k, v in policy.tensors.items()})
         cache[key] = entry
     return entry[1]
+
+
+def recentring_offset(
+    policy: PolicyBundle, tensors: Mapping[str, torch.Tensor], modalities: Iterable[str]
+) -> torch.Tensor:
+    """One row's re-centring offset: the sum of ``policy``'s offsets for the row's
+    modalities (zero for text, or when the policy does not re-centre).
+
+    ``tensors`` are the bundle's tensors on the row's device (:func:`policy_tensors`).
+    The vLLM worker builds its rows with this function too.
+
+    Raises:
+        SteeringError: the policy has no offset for one of the modalities.
+    """
+    delta = torch.zeros_like(tensors["u"])
+    if policy.parameters.recenter == "none":
+        return delta
+    for modality in sorted(set(modalities)):
+        offset = tensors.get(f"delta_{modality}")
+        if offset is None:
+            raise SteeringError(
+                f"policy {policy.ref} has no re-centring offset for {modality} input; "
+                f"recalibrate with {modality} enabled or set recenter='none'"
+            )
+        delta = delta + offset
+    return delta
 
 
 def build_plans(
@@ -79,19 +105,7 @@ def build_plans(
         assert policy is not None  # grouped rows always have a policy
         params = policy.parameters
         t = policy_tensors(policy, device, cache)
-        deltas = []
-        for row in rows:
-            delta = torch.zeros_like(t["u"])
-            if params.recenter != "none":
-                for modality in sorted(convs[row].modalities):
-                    offset = t.get(f"delta_{modality}")
-                    if offset is None:
-                        raise SteeringError(
-                            f"policy {policy.ref} has no re-centring offset for {modality} input; "
-                            f"recalibrate with {modality} enabled or set recenter='none'"
-                        )
-                    delta = delta + offset
-            deltas.append(delta)
+        deltas = [recentring_offset(policy, t, convs[row].modalities) for row in rows]
         n = len(rows)
 
         def per_row(value: float | None, n: int = n) -> torch.Tensor:

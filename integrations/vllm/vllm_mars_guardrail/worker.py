@@ -30,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 
 from guardrail.errors import PolicyCompatibilityError, SteeringError
 from guardrail.policy.bundle import PolicyBundle, parse_manifest
+from guardrail.policy.plans import recentring_offset
 from vllm_mars_guardrail import op
 from vllm_mars_guardrail.patch import CONFIG_KEY, install, patched_classes
 
@@ -127,18 +128,7 @@ class _Guard:
             bundle = self.policies[digest]
             t = self.tensors_of(digest, device)
             params = bundle.parameters
-            deltas = []
-            for _, _, s in members:
-                delta = torch.zeros_like(t["u"])
-                if params.recenter != "none":
-                    for modality in sorted(set(s.get("modalities", []))):
-                        offset = t.get(f"delta_{modality}")
-                        if offset is None:
-                            raise SteeringError(
-                                f"policy {bundle.ref} has no re-centring offset for {modality}"
-                            )
-                        delta = delta + offset
-                deltas.append(delta)
+            deltas = [recentring_offset(bundle, t, s.get("modalities", [])) for _, _, s in members]
             k = len(members)
 
             def full(value: float | None, k: int = k) -> torch.Tensor:
