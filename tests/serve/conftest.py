@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,25 @@ def live_server(
                     raise AssertionError("the server did not become ready")
                 time.sleep(0.02)
         yield live
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command gets as far as loading a model."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("guardrail.cli.common.load_model", refuse)
+
+
+def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    """Run the CLI with ``--json``; its exit code and the last JSON line it printed."""
+    from guardrail.cli import main
+
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
 
 
 def user(content: Any) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -17,22 +16,7 @@ import pytest
 from guardrail.cli import main
 from guardrail.serve.server import free_port
 from guardrail.testing import cached_tiny_model, tiny_policy
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the command gets as far as loading a model."""
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the model was loaded before the inputs were checked")
-
-    monkeypatch.setattr("guardrail.cli.common.load_model", refuse)
-
-
-def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-    code = main([*argv, "--json"])
-    out = capsys.readouterr().out.strip().splitlines()
-    return code, json.loads(out[-1])
+from tests.serve.conftest import run_json
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ the end. Without ray installed the deployment tests skip; the CLI checks still r
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -22,9 +21,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sse_starlette")
 
-from guardrail.cli import main  # noqa: E402
 from guardrail.serve.server import free_port  # noqa: E402
 from guardrail.testing import cached_tiny_model, tiny_policy  # noqa: E402
+from tests.serve.conftest import run_json  # noqa: E402
 
 MODEL = "tiny-llama"
 TOKEN = "r" * 40
@@ -135,20 +134,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 # ----------------------------------------------------------------------------- without a cluster
 # (first: they run before the module's Ray instance starts)
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the model was loaded before the inputs were checked")
-
-    monkeypatch.setattr("guardrail.cli.common.load_model", refuse)
-
-
-def run_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-    code = main([*argv, "--json"])
-    out = capsys.readouterr().out.strip().splitlines()
-    return code, json.loads(out[-1])
 
 
 def test_ray_without_ray_installed_names_the_extra(
