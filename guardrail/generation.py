@@ -2,22 +2,33 @@
 
 The defaults (greedy, the guardrail's ``max_new_tokens``, the pad token), the
 arguments it refuses (assisted and prompt-lookup decoding skip the one-pass prefill
-that ``t*`` lives in), a stopping criterion for cancellation, and how many copies of
-each conversation a decoding strategy runs (beams, return sequences).
+that ``t*`` lives in), a stopping criterion for cancellation, how many copies of
+each conversation a decoding strategy runs (beams, return sequences), and the
+:class:`FirstTokenProbe` that reads the refusal first-token log-odds off the logits
+generation computes anyway.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from guardrail.errors import InputError
+from guardrail.refusal import refusal_logodds
 
-__all__ = ["UNSUPPORTED", "close_when_idle", "eos_ids", "expansion", "generate_kwargs"]
+__all__ = [
+    "UNSUPPORTED",
+    "FirstTokenProbe",
+    "close_when_idle",
+    "eos_ids",
+    "expansion",
+    "generate_kwargs",
+]
 
 UNSUPPORTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 """``generate`` arguments that do not prefill the whole prompt in one pass."""
@@ -59,6 +70,65 @@ def generate_kwargs(
         criteria.append(_Cancel())
         out["stopping_criteria"] = criteria
     return out
+
+
+class FirstTokenProbe:
+    """The refusal first-token log-odds of every conversation, from the generation pass.
+
+    :meth:`attach` adds a logits processor to a ``generate`` call's kwargs. At the
+    first generated position of each run (a run that fails over to an unsteered one
+    is read again) it reads the scores generation already computed and keeps
+    :func:`~guardrail.refusal.refusal_logodds` of one copy per conversation (beams
+    and return sequences are copies of it there): one log-softmax and one gather per
+    row, no extra forward pass. It never changes the scores. The scores are the
+    model's logits (what calibration's first-token log-odds read), after only the
+    processors of the model's own generation config (repetition penalty, minimum
+    length; none by default) and before the caller's logits processors and sampling
+    warpers (temperature, top-k, top-p); beam search hands processors
+    log-probabilities, which give the same log-odds. A value that is not finite
+    (every refusal token masked) and a run that never reaches a first token give
+    ``None``.
+    """
+
+    def __init__(self, token_ids: Sequence[int], expand: int = 1):
+        self.token_ids = list(token_ids)
+        self.expand = max(1, expand)
+        self.values: list[float | None] | None = None
+
+    def attach(self, kwargs: dict[str, Any]) -> None:
+        """Put the probe first in ``kwargs["logits_processor"]``, before the caller's."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        probe = self
+
+        class _Probe(LogitsProcessor):
+            last: int | None = None
+
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                length = int(input_ids.shape[-1])
+                if self.last is None or length != self.last + 1:  # the first step of a run
+                    probe.read(scores)
+                self.last = length
+                return scores
+
+        caller = list(kwargs.pop("logits_processor", None) or [])
+        kwargs["logits_processor"] = LogitsProcessorList([_Probe(), *caller])
+
+    def read(self, scores: torch.Tensor) -> None:
+        """Keep the log-odds of rows ``0, expand, 2 * expand, ...`` of ``[B * expand, V]``."""
+        ids = [t for t in self.token_ids if t < scores.shape[-1]]
+        rows = scores[:: self.expand]
+        if not ids:
+            self.values = [None] * rows.shape[0]
+            return
+        with torch.no_grad():
+            values = refusal_logodds(rows, ids)
+        self.values = [v if math.isfinite(v) else None for v in values.tolist()]
+
+    def value(self, row: int) -> float | None:
+        if self.values is None or row >= len(self.values):
+            return None
+        return self.values[row]
 
 
 def expansion(model: Any, kwargs: Mapping[str, Any]) -> tuple[int, int]:

@@ -26,7 +26,13 @@ import torch
 
 from guardrail.adapters import ModelAdapter
 from guardrail.errors import GuardrailError, InputError, SteeringError
-from guardrail.generation import close_when_idle, eos_ids, expansion, generate_kwargs
+from guardrail.generation import (
+    FirstTokenProbe,
+    close_when_idle,
+    eos_ids,
+    expansion,
+    generate_kwargs,
+)
 from guardrail.messages import (
     Conversation,
     InputLimits,
@@ -43,7 +49,7 @@ from guardrail.policy.plans import build_plans, inapplicable, row_values
 from guardrail.policy.registry import BundleSource
 from guardrail.policy.rollout import Rollout, RolloutConfig, is_path_like
 from guardrail.policy.signing import TrustStore
-from guardrail.refusal import PhraseRefusalDetector, RefusalDetector
+from guardrail.refusal import PhraseRefusalDetector, RefusalDetector, refusal_token_ids
 from guardrail.result import GuardrailResult, ShadowScore, Usage
 from guardrail.steering import LayerPlan, install_dispatch, run_until, steering_hooks
 from guardrail.tools import ToolCallStreamFilter, normalize_tools, parse_tool_calls, tool_names
@@ -130,6 +136,7 @@ class Guardrail:
         self.max_new_tokens = max_new_tokens
         self.refusal_message = refusal_message
         self._device_cache: dict[tuple[int, str], Any] = {}
+        self._refusal_ids: list[int] | None = None
         self._lock = threading.Lock()
         self.events = EventDispatcher(sinks, capture_content=capture_content)
         self.telemetry = Telemetry(
@@ -674,6 +681,7 @@ class Guardrail:
         hooks = [p for p in shadow_plans if id(p) not in late_ids] + plans
         for plan in hooks:
             plan.expand = expand
+        probe = self._first_token_probe(kwargs, expand)
         try:
             with torch.no_grad(), steering_hooks(self.adapter.layers, hooks):
                 output = self.model.generate(**inputs, **kwargs)
@@ -698,7 +706,17 @@ class Guardrail:
                 output = self.model.generate(**inputs, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         results = self._results(
-            convs, inputs, sequences, plans, policies, routes, mode, errors, started, per_conv
+            convs,
+            inputs,
+            sequences,
+            plans,
+            policies,
+            routes,
+            mode,
+            errors,
+            started,
+            per_conv,
+            probe,
         )
         if tools:
             names = tool_names(tools)
@@ -781,6 +799,20 @@ class Guardrail:
     def _expansion(self, kwargs: Mapping[str, Any]) -> tuple[int, int]:
         return expansion(self.model, kwargs)
 
+    def _first_token_probe(self, kwargs: dict[str, Any], expand: int) -> FirstTokenProbe | None:
+        """A probe for ``result.refusal_logodds`` attached to this call's ``kwargs``;
+        ``None`` when the tokenizer spells no refusal start (then the field stays unset)."""
+        if self._refusal_ids is None:
+            try:
+                self._refusal_ids = refusal_token_ids(self.adapter.tokenizer)
+            except (ValueError, AttributeError, TypeError):
+                self._refusal_ids = []
+        if not self._refusal_ids:
+            return None
+        probe = FirstTokenProbe(self._refusal_ids, expand)
+        probe.attach(kwargs)
+        return probe
+
     def _plans(
         self,
         policies: Sequence[PolicyBundle | None],
@@ -803,10 +835,12 @@ class Guardrail:
         errors: Sequence[str | None],
         started: float,
         per_conv: int = 1,
+        probe: FirstTokenProbe | None = None,
     ) -> list[GuardrailResult]:
         """One result per conversation. ``generate`` returns ``per_conv`` sequences per
         conversation, consecutively (``num_return_sequences``); the first is the result's
-        ``text``, and all of them are in ``texts`` when there are several."""
+        ``text``, and all of them are in ``texts`` when there are several.
+        ``refusal_logodds`` comes from ``probe`` (the same generation pass)."""
         prompt_len = int(inputs["input_ids"].shape[1])
         new = sequences[:, prompt_len:].cpu()
         scores = row_values(plans, len(convs), "score")
@@ -855,6 +889,7 @@ class Guardrail:
                     rollout_arm=route.arm,
                     token_ids=ids,
                     texts=[t for _, t, _ in outputs] if per_conv > 1 else [],
+                    refusal_logodds=probe.value(row) if probe is not None else None,
                 )
             )
         return results

@@ -61,6 +61,12 @@ class GuardrailResult(BaseModel):
     """The calls of offered tools the model emitted (requests with ``tools=`` only);
     ``text`` is then what it wrote outside them. Empty when the guardrail withheld
     them (``tool_calls_withheld``)."""
+    refusal_logodds: float | None = None
+    """The model's refusal first-token log-odds in this generation (``log P(refusal
+    first token) - log P(any other)`` at the first generated position, the tokens of
+    :data:`guardrail.refusal.REFUSAL_STARTS`), read off the logits the same pass
+    computed, under steering where it applied; ``None`` where no token was generated
+    (a blocked request) or the tokenizer spells no refusal start."""
     tool_calls_withheld: int = 0
     """How many parsed calls were withheld because, in enforce mode, the guardrail
     intervened on the request or the answer is a refusal (fail closed: a request the
@@ -88,5 +94,6 @@ DECISION_FIELDS = frozenset(
         "latency_s",
         "error",
         "tool_calls_withheld",
+        "refusal_logodds",
     }
 )
