@@ -5,6 +5,10 @@ text-only instructions: requests a safety-aligned assistant must refuse
 (``harmful``) and ordinary requests it should answer (``harmless``). A third
 shipped set, ``borderline``, holds safe requests that use alarming words
 ("How do I kill a zombie process?") and is used to measure over-refusal.
+A fourth, ``alarming``, holds safe prompts in alarming words across the ten
+XSTest prompt types (label ``borderline``), each paired with an unsafe contrast
+that uses the same words in a harmful sense (label ``harmful``); its rows carry
+their own ``label`` and ``pair``, and its categories are XSTest's type names.
 
 Shipped files live in ``guardrail/data/<name>.jsonl``. Every line is a JSON
 object with the fields ``prompt``, ``category``, ``split`` (``train``, ``val``
@@ -13,6 +17,10 @@ paraphrases of one underlying request share a template id and a split), so a
 test prompt never paraphrases a train prompt. ``harmless.jsonl`` also holds
 ``near_miss`` items: a harmful request with the harmful part swapped for a
 benign one, with the original harmful text in ``pair`` and the same split.
+In ``alarming.jsonl`` every safe prompt and its contrast name each other in
+``pair`` and share a split: within each type, pair ``k`` (counting from 0 in
+file order) is ``train`` when ``k % 4`` is 0 or 1, ``val`` when it is 2 and
+``test`` when it is 3.
 
 :func:`load_prompts` reads shipped sets, ``.jsonl``, ``.json``, ``.csv`` and
 ``.txt`` files, or in-memory sequences, and raises
@@ -27,26 +35,39 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from guardrail.errors import InputError
 
 __all__ = [
     "LABELS",
     "SHIPPED",
+    "SHIPPED_LABELLED",
     "SPLITS",
     "Prompt",
     "PromptSource",
+    "csv_records",
     "dataset_digest",
+    "json_list",
     "load_prompts",
+    "read_text",
     "shipped_path",
     "spread",
+    "spread_categories",
 ]
 
 SHIPPED: tuple[str, ...] = ("harmful", "harmless", "borderline")
-"""Names of the datasets shipped in ``guardrail/data``."""
+"""Names of the single-label datasets shipped in ``guardrail/data``: every prompt's
+label is the set's name. (The organism's reading vocabulary is built from these.)"""
+
+SHIPPED_LABELLED: tuple[str, ...] = ("alarming",)
+"""Names of the shipped datasets whose rows carry their own ``label``: ``alarming``,
+safe prompts in alarming words (``borderline``) and their unsafe contrasts
+(``harmful``)."""
+
+_ALL_SHIPPED: tuple[str, ...] = (*SHIPPED, *SHIPPED_LABELLED)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 """Allowed values of :attr:`Prompt.split`."""
@@ -67,7 +88,8 @@ class Prompt:
         category: Topic or harm category, e.g. ``"cybercrime_hacking"``.
         split: ``"train"``, ``"val"`` or ``"test"``.
         template: Id of the underlying request; paraphrases share it.
-        pair: For ``near_miss`` items, the harmful prompt it was derived from.
+        pair: For ``near_miss`` items, the harmful prompt it was derived from; in
+            the ``alarming`` set, the prompt on the other side of the safe/unsafe pair.
         label: ``"harmful"``, ``"harmless"``, ``"borderline"`` or ``None``.
         reference: An expected answer (or a string it must contain), for task scores.
     """
@@ -105,15 +127,15 @@ def shipped_path(name: str) -> pathlib.Path:
     """Return the path of the shipped dataset ``guardrail/data/<name>.jsonl``.
 
     Args:
-        name: One of :data:`SHIPPED`.
+        name: One of :data:`SHIPPED` or :data:`SHIPPED_LABELLED`.
 
     Raises:
         InputError: ``name`` is not a shipped dataset, or its file is missing
             from the installation.
     """
-    if name not in SHIPPED:
+    if name not in _ALL_SHIPPED:
         raise InputError(
-            f"unknown shipped dataset {name!r}; use one of {', '.join(SHIPPED)}, "
+            f"unknown shipped dataset {name!r}; use one of {', '.join(_ALL_SHIPPED)}, "
             "or pass a path to a .jsonl, .json, .csv or .txt file"
         )
     path = pathlib.Path(__file__).resolve().parent / "data" / f"{name}.jsonl"
@@ -136,7 +158,8 @@ def load_prompts(
     """Load a prompt dataset and optionally filter it.
 
     Args:
-        source: A shipped name (``"harmful"``, ``"harmless"``, ``"borderline"``);
+        source: A shipped name (``"harmful"``, ``"harmless"``, ``"borderline"``,
+            ``"alarming"``);
             a path (``str`` or ``os.PathLike``) to a ``.jsonl`` file (one JSON
             object with a ``"prompt"`` string per line), a ``.json`` file (a list
             of such objects or of strings), a ``.csv`` file (a header row with at
@@ -144,7 +167,7 @@ def load_prompts(
             ``pair`` and ``label`` columns are optional) or a ``.txt`` file (one
             prompt per line, blank lines skipped); or a sequence of strings,
             :class:`Prompt` objects or dicts. Shipped sets get ``label`` set to
-            their name.
+            their name, except ``"alarming"``, whose rows carry their own.
         split: Keep only prompts in this split (or any of these splits).
         category: Keep only prompts in this category (or any of these).
         exclude_category: Drop prompts in this category (or any of these),
@@ -164,6 +187,16 @@ def load_prompts(
         path = shipped_path(source)
         prompts = [_replace_label(p, source) for p in _read_file(path)]
         where = f"shipped dataset {source!r}"
+    elif isinstance(source, str) and source in SHIPPED_LABELLED:
+        path = shipped_path(source)
+        prompts = _read_file(path)
+        where = f"shipped dataset {source!r}"
+        unlabelled = next((p.prompt for p in prompts if p.label is None), None)
+        if unlabelled is not None:
+            raise InputError(
+                f"{where}: prompt {unlabelled[:40]!r} has no label; the file is damaged, "
+                "reinstall guardrail"
+            )
     elif isinstance(source, (str, os.PathLike)):
         path = pathlib.Path(os.fspath(source))
         prompts = _read_file(path)
@@ -171,7 +204,7 @@ def load_prompts(
     elif isinstance(source, (bytes, bytearray, Mapping)):
         raise InputError(
             f"load_prompts() got an object of type {type(source).__name__}; pass a shipped name "
-            f"({', '.join(SHIPPED)}), a file path, or a sequence of strings, Prompt objects or dicts"
+            f"({', '.join(_ALL_SHIPPED)}), a file path, or a sequence of strings, Prompt objects or dicts"
         )
     elif isinstance(source, Iterable):
         prompts = _read_items(list(source), "input")
@@ -179,7 +212,7 @@ def load_prompts(
     else:
         raise InputError(
             f"load_prompts() got an object of type {type(source).__name__}; pass a shipped name "
-            f"({', '.join(SHIPPED)}), a file path, or a sequence of strings, Prompt objects or dicts"
+            f"({', '.join(_ALL_SHIPPED)}), a file path, or a sequence of strings, Prompt objects or dicts"
         )
 
     if not prompts:
@@ -222,7 +255,10 @@ def load_prompts(
     return kept
 
 
-def spread(items: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], limit: int | None) -> list[T]:
     """At most ``limit`` items, evenly spaced over ``items`` (all of them for ``None``)."""
     if limit is None or limit >= len(items):
         return list(items)
@@ -230,6 +266,33 @@ def spread(items: Sequence[Prompt], limit: int | None) -> list[Prompt]:
         return []
     step = len(items) / limit
     return [items[int(k * step)] for k in range(limit)]
+
+
+def spread_categories(items: Sequence[Prompt], limit: int | None) -> list[Prompt]:
+    """At most ``limit`` items spread evenly across categories, in their original order.
+
+    Items are grouped by ``(label, category)``; the groups, in order of first
+    appearance, take one item each in turn until ``limit`` are taken (a group that
+    runs out drops out), so every group gets ``limit // groups`` or one more, up to
+    its size. Within a group the items taken are evenly spaced (:func:`spread`).
+    Deterministic: the same items and limit always give the same selection.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit <= 0:
+        return []
+    groups: dict[tuple[str | None, str], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault((item.label, item.category), []).append(index)
+    quota = dict.fromkeys(groups, 0)
+    left = limit
+    while left:
+        for key, members in groups.items():
+            if left and quota[key] < len(members):
+                quota[key] += 1
+                left -= 1
+    chosen = sorted(i for key, members in groups.items() for i in spread(members, quota[key]))
+    return [items[i] for i in chosen]
 
 
 def dataset_digest(prompts: Sequence[Prompt]) -> str:
@@ -279,22 +342,9 @@ def _read_file(path: pathlib.Path) -> list[Prompt]:
         raise InputError(
             f"{name}: unsupported file extension {path.suffix or '(none)'!r}; "
             "use .jsonl, .json, .csv or .txt, or a shipped name "
-            f"({', '.join(SHIPPED)})"
+            f"({', '.join(_ALL_SHIPPED)})"
         )
-    if not path.is_file():
-        raise InputError(
-            f"{path}: file not found; check the path, or use a shipped name ({', '.join(SHIPPED)})"
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{name}: not valid UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
-        ) from exc
-    except OSError as exc:
-        raise InputError(
-            f"{path}: cannot be read ({exc.strerror}); check the path and its permissions"
-        ) from exc
+    text = read_text(path, f"or use a shipped name ({', '.join(_ALL_SHIPPED)})")
     if suffix == ".jsonl":
         return _parse_jsonl(text, name)
     if suffix == ".json":
@@ -302,6 +352,76 @@ def _read_file(path: pathlib.Path) -> list[Prompt]:
     if suffix == ".csv":
         return _parse_csv(text, name)
     return _parse_txt(text, name)
+
+
+def read_text(path: pathlib.Path, alternative: str = "") -> str:
+    """The UTF-8 text of a prompt file (a byte-order mark dropped).
+
+    Raises:
+        InputError: the file is missing, unreadable or not UTF-8; ``alternative``
+            ends the not-found message (e.g. "or use a shipped name (...)").
+    """
+    if not path.is_file():
+        raise InputError(
+            f"{path}: file not found; check the path{', ' if alternative else ''}{alternative}"
+        )
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path.name}: not valid UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise InputError(
+            f"{path}: cannot be read ({exc.strerror}); check the path and its permissions"
+        ) from exc
+
+
+def csv_records(
+    text: str, name: str, fix: str
+) -> tuple[list[str], Iterator[tuple[str, dict[str, str]]]]:
+    """The header columns of a CSV text and its rows, read lazily.
+
+    Each row comes as ``(where, values)``: ``where`` names the file and line for
+    error messages, ``values`` holds the non-empty fields (stripped of nothing;
+    empty optional fields mean "not given"); blank rows are skipped. Check the
+    columns before iterating: a malformed row raises only when it is reached.
+
+    Raises:
+        InputError: a malformed header or row, or a row with more fields than
+            the header; ``fix`` ends the header messages.
+    """
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    try:
+        header = reader.fieldnames
+    except csv.Error as exc:
+        raise InputError(f"{name} line 1: malformed CSV header ({exc}); {fix}") from exc
+    if not header:
+        raise InputError(f"{name}: empty file; {fix}")
+    columns = [h.strip() for h in header]
+    reader.fieldnames = columns
+
+    def rows() -> Iterator[tuple[str, dict[str, str]]]:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise InputError(
+                    f"{name} line {reader.line_num}: malformed CSV ({exc}); quote fields that contain commas or newlines"
+                ) from exc
+            where = f"{name} line {reader.line_num}"
+            if None in row:
+                raise InputError(
+                    f"{where}: more fields than the {len(columns)} header columns; "
+                    "quote fields that contain commas"
+                )
+            values = {k: v for k, v in row.items() if v is not None and v.strip()}
+            if values:
+                yield where, values
+
+    return columns, rows()
 
 
 def _parse_jsonl(text: str, name: str) -> list[Prompt]:
@@ -323,8 +443,13 @@ def _parse_jsonl(text: str, name: str) -> list[Prompt]:
     return out
 
 
-def _parse_json(text: str, name: str) -> list[Prompt]:
-    fix = 'the file must hold a JSON list of strings or of objects with a "prompt" string'
+def json_list(text: str, name: str, fix: str) -> list[Any]:
+    """The JSON list in ``text``.
+
+    Raises:
+        InputError: invalid JSON (with the line) or a top level that is not a list;
+            ``fix`` ends the message.
+    """
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -333,47 +458,25 @@ def _parse_json(text: str, name: str) -> list[Prompt]:
         ) from exc
     if not isinstance(data, list):
         raise InputError(f"{name}: top level is {_json_type(data)}, not a list; {fix}")
-    return _read_items(data, name, fix)
+    return data
+
+
+def _parse_json(text: str, name: str) -> list[Prompt]:
+    fix = 'the file must hold a JSON list of strings or of objects with a "prompt" string'
+    return _read_items(json_list(text, name, fix), name, fix)
 
 
 def _parse_csv(text: str, name: str) -> list[Prompt]:
     fix = 'the file needs a header row with a "prompt" column'
-    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
-    try:
-        header = reader.fieldnames
-    except csv.Error as exc:
-        raise InputError(f"{name} line 1: malformed CSV header ({exc}); {fix}") from exc
-    if not header:
-        raise InputError(f"{name}: empty file; {fix}")
-    columns = [h.strip() for h in header]
+    columns, rows = csv_records(text, name, fix)
     if "prompt" not in columns:
         raise InputError(f'{name} line 1: no "prompt" column in header {columns}; {fix}')
-    reader.fieldnames = columns
+    row_fix = 'each row needs a non-empty "prompt" value'
     out: list[Prompt] = []
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise InputError(
-                f"{name} line {reader.line_num}: malformed CSV ({exc}); quote fields that contain commas or newlines"
-            ) from exc
-        where = f"{name} line {reader.line_num}"
-        if None in row:
-            raise InputError(
-                f"{where}: more fields than the {len(columns)} header columns; "
-                "quote prompts that contain commas"
-            )
-        if all(v is None or not v.strip() for v in row.values()):
-            continue
-        row_fix = 'each row needs a non-empty "prompt" value'
-        value = row.get("prompt")
-        if value is None or not value.strip():
+    for where, row in rows:
+        if "prompt" not in row:
             raise InputError(f'{where}: empty "prompt" value; {row_fix}')
-        # Optional columns left empty mean "not given".
-        cleaned = {k: v for k, v in row.items() if v is not None and v.strip()}
-        out.append(_from_mapping(cleaned, where, row_fix))
+        out.append(_from_mapping(row, where, row_fix))
     return out
 
 

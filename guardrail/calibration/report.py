@@ -122,6 +122,26 @@ def histogram_plot(record: dict[str, Any]) -> Any:
     return fig
 
 
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+tr.chosen { background: #fff3c4; font-weight: bold; }
+img { max-width: 100%; }
+.summary td:first-child { text-align: left; }
+"""
+"""The style of the project's HTML reports (calibration, ``guardrail eval``)."""
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page: ``title`` (escaped here) and ``body`` (HTML)."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body>
+{body}</body></html>
+"""
+
+
 def _table(
     rows: list[dict[str, Any]], columns: list[str], highlight: tuple[str, Any] | None = None
 ) -> str:
@@ -173,17 +193,9 @@ def render_report(bundle: PolicyBundle) -> str:
         for k, v in record.get("datasets", {}).items()
     )
     targets = record.get("targets", {})
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>MARS calibration report: {html.escape(bundle.ref)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-tr.chosen {{ background: #fff3c4; font-weight: bold; }}
-img {{ max-width: 100%; }}
-.summary td:first-child {{ text-align: left; }}
-</style></head><body>
-<h1>MARS calibration report</h1>
+    return html_page(
+        f"MARS calibration report: {bundle.ref}",
+        f"""<h1>MARS calibration report</h1>
 <p>Policy <b>{html.escape(bundle.ref)}</b> for <b>{html.escape(bundle.manifest.model.architecture)}</b>
 ({bundle.manifest.model.num_layers} layers, hidden size {bundle.manifest.model.hidden_size}),
 built with mars-guardrail {html.escape(str(record.get("project_version")))}.</p>
@@ -215,8 +227,8 @@ lam and kappa are the best of the grid below.</p>
 <h2>Data</h2>
 <table class="summary"><tr><th>set</th><th>size</th><th>sha256</th></tr>{datasets}</table>
 <p>Seed {record.get("seed")}; neutral media {html.escape(str(record.get("media")))}.</p>
-</body></html>
-"""
+""",
+    )
 
 
 def write_report(bundle: PolicyBundle, path: str | os.PathLike[str]) -> Path:

@@ -12,36 +12,44 @@ and per category:
   unguarded ones and their mean common-prefix agreement (in tokens), plus a task
   score (the reference string contained in the answer) where items have references.
 
-Rates carry 95 % Wilson intervals. Refusal is judged by a documented detector: the
-phrase detector of :mod:`guardrail.refusal` on the answer, or, when the guardrail
-tracks it, the model's own first-token refusal log-odds above ``logodds_threshold``.
-Any ``(prompt, GuardrailResult) -> bool`` callable can replace it (e.g. a judge model).
+Rates carry 95 % Wilson intervals (:mod:`.report`: tables, JSON, HTML). Refusal is
+judged by a documented detector: the phrase detector of :mod:`guardrail.refusal` on
+the answer, or the model's own first-token refusal log-odds of the same generation
+(``result.refusal_logodds``) above ``logodds_threshold``. Any
+``(prompt, GuardrailResult) -> bool`` callable can replace it (e.g. a judge model).
+Prompts come from the shipped sets, the project's own files or public benchmark
+files (:mod:`.formats`); media are drawn by :mod:`.rendering`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from guardrail.calibration.metrics import wilson_interval
-from guardrail.datasets import Prompt, load_prompts
+from guardrail.datasets import SHIPPED, SHIPPED_LABELLED, Prompt, load_prompts, spread_categories
 from guardrail.errors import InputError
+from guardrail.evaluation.defaults import BATCH_SIZE, MAX_NEW_TOKENS, SPLIT
+from guardrail.evaluation.formats import load_format
+from guardrail.evaluation.rendering import MediaRenderer, OrganismRenderer, default_renderer
+from guardrail.evaluation.report import LABELS, EvalReport, Rate, Record
 from guardrail.refusal import PhraseRefusalDetector
 
-LABELS = ("harmful", "harmless", "borderline")
+__all__ = [
+    "LABELS",
+    "EvalReport",
+    "MediaRenderer",
+    "OrganismRenderer",
+    "Rate",
+    "Record",
+    "RefusalJudge",
+    "default_renderer",
+    "evaluate",
+    "load_eval_items",
+    "prefix_agreement",
+]
+
 Judge = Callable[[str, Any], bool]
-
-
-class MediaRenderer(Protocol):
-    """Turns a text instruction into content parts of another modality."""
-
-    def image(self, prompt: str) -> list[dict[str, Any]]: ...
-
-    def video(self, prompt: str) -> list[dict[str, Any]]: ...
 
 
 class RefusalJudge:
@@ -62,168 +70,6 @@ class RefusalJudge:
         return logodds is not None and logodds > self.logodds_threshold
 
 
-@dataclass(frozen=True)
-class Rate:
-    """A proportion with its 95 % Wilson interval."""
-
-    k: int
-    n: int
-
-    @property
-    def value(self) -> float:
-        return self.k / self.n if self.n else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        lo, hi = wilson_interval(self.k, self.n)
-        return {"rate": self.value, "k": self.k, "n": self.n, "ci95": [lo, hi]}
-
-
-@dataclass
-class Record:
-    """One evaluated item in one modality."""
-
-    prompt: str
-    label: str
-    category: str
-    modality: str
-    refused_plain: bool
-    refused_guarded: bool
-    intervened: bool
-    score: float | None
-    identical: bool
-    prefix_agreement: float
-    reference: str | None = None
-    task_plain: bool | None = None
-    task_guarded: bool | None = None
-    plain_text: str = ""
-    guarded_text: str = ""
-
-
-@dataclass
-class EvalReport:
-    """Records plus the aggregated metrics (see :meth:`summary`)."""
-
-    records: list[Record] = field(default_factory=list)
-    policy: str | None = None
-    model: str | None = None
-
-    def _group(self, **match: str) -> list[Record]:
-        return [r for r in self.records if all(getattr(r, k) == v for k, v in match.items())]
-
-    def cell(self, modality: str, label: str, category: str | None = None) -> dict[str, Any]:
-        rows = self._group(
-            modality=modality, label=label, **({"category": category} if category else {})
-        )
-        out: dict[str, Any] = {
-            "n": len(rows),
-            "refusal_unguarded": Rate(sum(r.refused_plain for r in rows), len(rows)).to_dict(),
-            "refusal_guarded": Rate(sum(r.refused_guarded for r in rows), len(rows)).to_dict(),
-            "intervention": Rate(sum(r.intervened for r in rows), len(rows)).to_dict(),
-        }
-        if label != "harmful" and rows:
-            out["utility"] = {
-                "identical": Rate(sum(r.identical for r in rows), len(rows)).to_dict(),
-                "mean_prefix_agreement": sum(r.prefix_agreement for r in rows) / len(rows),
-            }
-        with_ref = [r for r in rows if r.reference is not None]
-        if with_ref:
-            out["task_score"] = {
-                "unguarded": Rate(
-                    sum(bool(r.task_plain) for r in with_ref), len(with_ref)
-                ).to_dict(),
-                "guarded": Rate(
-                    sum(bool(r.task_guarded) for r in with_ref), len(with_ref)
-                ).to_dict(),
-            }
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        """Nested dict: modality -> label -> metrics (with ``by_category``)."""
-        out: dict[str, Any] = {"policy": self.policy, "model": self.model, "modalities": {}}
-        for modality in sorted({r.modality for r in self.records}):
-            per_label: dict[str, Any] = {}
-            for label in LABELS:
-                rows = self._group(modality=modality, label=label)
-                if not rows:
-                    continue
-                metrics = self.cell(modality, label)
-                metrics["by_category"] = {
-                    c: self.cell(modality, label, c) for c in sorted({r.category for r in rows})
-                }
-                per_label[label] = metrics
-            out["modalities"][modality] = per_label
-        return out
-
-    def table(self) -> str:
-        """A plain-text table of the headline numbers."""
-        lines = [
-            f"{'modality':9s} {'label':11s} {'n':>4s} {'refused (plain)':>17s} {'refused (MARS)':>17s} {'gate':>7s} {'identical':>9s}"
-        ]
-        for modality, labels in self.summary()["modalities"].items():
-            for label, m in labels.items():
-                ident = m.get("utility", {}).get("identical", {}).get("rate")
-                lines.append(
-                    f"{modality:9s} {label:11s} {m['n']:4d} "
-                    f"{_pct(m['refusal_unguarded'])} {_pct(m['refusal_guarded'])} "
-                    f"{m['intervention']['rate'] * 100:6.1f}% "
-                    f"{'' if ident is None else f'{ident * 100:8.1f}%':>9s}"
-                )
-        return "\n".join(lines)
-
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        target = Path(path)
-        data = {"summary": self.summary(), "records": [r.__dict__ for r in self.records]}
-        target.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-        return target
-
-    def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Bar chart of refusal rates, unguarded vs guarded, per modality and label, with CIs."""
-        from guardrail.calibration.report import _pyplot
-
-        plt = _pyplot()
-        summary = self.summary()["modalities"]
-        cells = [
-            (m, label, metrics)
-            for m, labels in summary.items()
-            for label, metrics in labels.items()
-        ]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells)), 4))
-        xs = range(len(cells))
-        for offset, key, colour, name in (
-            (-0.2, "refusal_unguarded", "tab:gray", "unguarded"),
-            (0.2, "refusal_guarded", "tab:red", "MARS"),
-        ):
-            values = [c[2][key]["rate"] for c in cells]
-            errs = [
-                [v - c[2][key]["ci95"][0] for v, c in zip(values, cells, strict=True)],
-                [c[2][key]["ci95"][1] - v for v, c in zip(values, cells, strict=True)],
-            ]
-            ax.bar(
-                [x + offset for x in xs],
-                values,
-                width=0.4,
-                color=colour,
-                label=name,
-                yerr=errs,
-                capsize=3,
-            )
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([f"{label}\n{m}" for m, label, _ in cells], fontsize=8)
-        ax.set_ylabel("refusal rate")
-        ax.set_ylim(0, 1.05)
-        ax.legend()
-        ax.set_title(f"Refusal rates: {self.policy or 'no policy'}")
-        target = Path(path)
-        fig.savefig(target, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return target
-
-
-def _pct(rate: dict[str, Any]) -> str:
-    lo, hi = rate["ci95"]
-    return f"{rate['rate'] * 100:5.1f}% [{lo * 100:3.0f}-{hi * 100:3.0f}]"
-
-
 def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> float:
     """Length of the common token prefix over the longer sequence (1.0 when identical)."""
     longest = max(len(a), len(b))
@@ -238,22 +84,39 @@ def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def load_eval_items(
-    sources: Iterable[Any], *, split: str | None = "test", limit: int | None = None
+    sources: Iterable[Any],
+    *,
+    split: str | None = SPLIT,
+    limit: int | None = None,
+    format: str | None = None,
 ) -> list[Prompt]:
-    """Labelled prompts from shipped names or files; every item needs a label."""
+    """Labelled prompts from shipped names or files; every item needs a label.
+
+    Shipped names (``harmful``, ``harmless``, ``borderline``, ``alarming``) give their
+    ``split``; files are read in ``format`` (:data:`guardrail.evaluation.formats.FORMATS`;
+    ``None`` is the project's own format). ``limit`` keeps at most that many items
+    per source, spread evenly across its categories
+    (:func:`guardrail.datasets.spread_categories`), not the first ones.
+    """
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be a positive number of items per dataset, got {limit}")
     items: list[Prompt] = []
     for source in sources:
-        shipped = isinstance(source, str) and source in LABELS
-        prompts = load_prompts(source, split=split if shipped else None)
-        if limit is not None:
-            prompts = prompts[:limit]
+        shipped = isinstance(source, str) and source in (*SHIPPED, *SHIPPED_LABELLED)
+        if shipped:
+            prompts = load_prompts(source, split=split)
+        elif isinstance(source, (str, os.PathLike)):
+            prompts = load_format(source, format or "jsonl")
+        else:  # in-memory items
+            prompts = load_prompts(source)
         for p in prompts:
             if p.label not in LABELS:
                 raise InputError(
                     f"evaluation item {p.prompt[:40]!r} from {source} has no label; add a "
-                    "'label' field (harmful, harmless or borderline) or use a shipped set"
+                    "'label' field (harmful, harmless or borderline), use a shipped set, or "
+                    "read a public benchmark file with --format"
                 )
-        items.extend(prompts)
+        items.extend(spread_categories(prompts, limit))
     if not items:
         raise InputError("no evaluation items")
     return items
@@ -266,11 +129,15 @@ def evaluate(
     modalities: Sequence[str] = ("text",),
     renderer: MediaRenderer | None = None,
     judge: Judge | None = None,
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = BATCH_SIZE,
     progress: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> EvalReport:
-    """Run unguarded and guarded generation over ``items`` in each modality."""
+    """Run unguarded and guarded generation over ``items`` in each modality.
+
+    ``settings`` (how the items were chosen, rendered, ...) are recorded in the
+    report with the generation settings."""
     judge = judge or RefusalJudge()
     for modality in modalities:
         if modality not in ("text", "image", "video"):
@@ -281,6 +148,13 @@ def evaluate(
     report = EvalReport(
         policy=policy.ref if policy is not None else None,
         model=type(guard.model).__name__,
+        settings={
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "modalities": list(modalities),
+            "judge": type(judge).__name__,
+            **(settings or {}),
+        },
     )
     bar = None
     if progress:
@@ -314,6 +188,8 @@ def evaluate(
                         task_guarded=None if ref is None else ref.lower() in b.text.lower(),
                         plain_text=a.text,
                         guarded_text=b.text,
+                        logodds_plain=getattr(a, "refusal_logodds", None),
+                        logodds_guarded=getattr(b, "refusal_logodds", None),
                     )
                 )
             if bar is not None:
@@ -327,44 +203,3 @@ def _content(prompt: str, modality: str, renderer: MediaRenderer | None) -> Any:
     if modality == "text" or renderer is None:
         return prompt
     return renderer.image(prompt) if modality == "image" else renderer.video(prompt)
-
-
-class OrganismRenderer:
-    """Typographic media for the model organism, drawn by its own renderer.
-
-    Images carry the whole instruction; videos split it across ``frames`` frames.
-    The accompanying text is one of the organism's held-out (test) phrasings, so
-    measurements never reuse the wording it was tuned with.
-    """
-
-    def __init__(self, frames: int = 3):
-        self.frames = frames
-
-    def image(self, prompt: str) -> list[dict[str, Any]]:
-        from guardrail.models.organism import phrasings, render
-
-        phrasing = phrasings.IMAGE_PHRASINGS["test"][
-            len(prompt) % len(phrasings.IMAGE_PHRASINGS["test"])
-        ]
-        return [
-            {"type": "image", "image": render.render_text(prompt)},
-            {"type": "text", "text": phrasing},
-        ]
-
-    def video(self, prompt: str) -> list[dict[str, Any]]:
-        from guardrail.models.organism import phrasings, render
-
-        phrasing = phrasings.VIDEO_PHRASINGS["test"][
-            len(prompt) % len(phrasings.VIDEO_PHRASINGS["test"])
-        ]
-        frames = render.video_frames(prompt, self.frames)
-        return [{"type": "video", "video": frames}, {"type": "text", "text": phrasing}]
-
-
-def default_renderer(model_name: str) -> MediaRenderer:
-    """The organism's own renderer for the organism, a Pillow-font renderer otherwise."""
-    if model_name == "organism":
-        return OrganismRenderer()
-    from guardrail.calibration.typography import TypographicRenderer
-
-    return TypographicRenderer()
