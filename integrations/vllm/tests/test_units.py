@@ -117,3 +117,27 @@ def test_a_step_whose_op_did_not_fire_is_refused():
     guard.decisions["r1"] = {"mode": "enforce", "policy": "d", "shadows": {}}
     with pytest.raises(SteeringError, match="ran 0 times"):
         guard.record([("r1", "d", _group([0]), 0, "r1")])
+
+
+def test_decoder_layers_come_from_the_adapters_vllm_path():
+    from types import SimpleNamespace
+
+    from torch import nn
+    from vllm_mars_guardrail.worker import _decoder_layers
+
+    class Llava(nn.Module):
+        def __init__(self, n: int):
+            super().__init__()
+            self.language_model = nn.Module()
+            self.language_model.model = nn.Module()
+            self.language_model.model.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(n))
+
+    text = SimpleNamespace(num_hidden_layers=3)
+    llava = SimpleNamespace(model_type="llava")
+    assert len(_decoder_layers(Llava(3), llava, text)) == 3
+    with pytest.raises(SteeringError, match="holds 2 layers, the config says 3"):
+        _decoder_layers(Llava(2), llava, text)
+    with pytest.raises(SteeringError, match="has no model.layers"):
+        _decoder_layers(Llava(3), SimpleNamespace(model_type="llama"), text)
+    with pytest.raises(SteeringError, match="no vLLM layer path"):
+        _decoder_layers(Llava(3), SimpleNamespace(model_type="mamba"), text)

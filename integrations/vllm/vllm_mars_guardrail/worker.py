@@ -25,9 +25,11 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
+from guardrail.adapters import adapter_spec, resolve_path
 from guardrail.errors import PolicyCompatibilityError, SteeringError
 from guardrail.policy.bundle import PolicyBundle, parse_manifest
 from guardrail.policy.plans import recentring_offset
@@ -86,19 +88,23 @@ class _Guard:
 
     def plan(
         self, device: torch.device
-    ) -> tuple[op.StepPlan, list[tuple[str, str, op.RowGroup, int, str]]]:
+    ) -> tuple[op.StepPlan | None, list[tuple[str, str, op.RowGroup, int, str]]]:
+        """This step's plan, or None when no request's prompt ends in it (a step of
+        decoding only: nothing to steer, and the op passes every row through)."""
         runner = self.runner
         batch = runner.input_batch
         n = batch.num_reqs
         starts = runner.query_start_loc.np[: n + 1]
         computed = batch.num_computed_tokens_cpu[:n]
-        prompt = batch.num_prompt_tokens[:n]
+        last = batch.num_prompt_tokens[:n] - 1
+        ending = np.flatnonzero((computed <= last) & (last < computed + np.diff(starts)))
+        if ending.size == 0:
+            return None, []
         rows: dict[tuple[str, bool], list[tuple[int, str, dict[str, Any]]]] = {}
-        for i, req_id in enumerate(batch.req_ids[:n]):
-            scheduled = int(starts[i + 1] - starts[i])
-            p, c = int(prompt[i]), int(computed[i])
-            if not (c <= p - 1 < c + scheduled):
-                continue
+        req_ids = batch.req_ids
+        for i in ending.tolist():
+            req_id = req_ids[i]
+            p, c = int(last[i]) + 1, int(computed[i])
             t_star = int(starts[i]) + (p - 1 - c)
             s = self.settings(req_id)
             mode = s.get("mode", "enforce")
@@ -188,8 +194,9 @@ class _Guard:
         runner = self.runner
         forward = runner._model_forward
 
+        device = next(runner.model.parameters()).device
+
         def guarded_forward(*args: Any, **kwargs: Any) -> Any:
-            device = next(runner.model.parameters()).device
             plan, groups = self.plan(device)
             op.STEP.plan = plan
             try:
@@ -202,6 +209,32 @@ class _Guard:
             return out
 
         runner._model_forward = guarded_forward
+
+
+def _decoder_layers(model: Any, config: Any, text: Any) -> Any:
+    """The language model's decoder layers, at the path the family's adapter names for
+    vLLM (``AdapterSpec.vllm_layers_path``), checked against the config's depth."""
+    model_type = str(getattr(config, "model_type", ""))
+    spec = adapter_spec(model_type)
+    if spec is None or spec.vllm_layers_path is None:
+        raise SteeringError(
+            f"model type {model_type!r} has no vLLM layer path in its guardrail adapter; this "
+            "architecture is not supported by the vLLM integration (register an AdapterSpec "
+            "with vllm_layers_path)"
+        )
+    try:
+        layers = resolve_path(model, spec.vllm_layers_path)
+    except AttributeError:
+        raise SteeringError(
+            f"{type(model).__name__} has no {spec.vllm_layers_path}; the adapter's vLLM layer "
+            "path does not match this vLLM version"
+        ) from None
+    if len(layers) != text.num_hidden_layers:
+        raise SteeringError(
+            f"{type(model).__name__}.{spec.vllm_layers_path} holds {len(layers)} layers, the "
+            f"config says {text.num_hidden_layers}"
+        )
+    return layers
 
 
 class MarsWorkerExtension:
@@ -226,6 +259,7 @@ class MarsWorkerExtension:
         indexed = [m for m in model.modules() if hasattr(m, "_mars_index")]
         config = runner.vllm_config.model_config.hf_config
         text = getattr(config, "text_config", None) or config
+        layers = _decoder_layers(model, config, text)
         loaded: dict[str, PolicyBundle] = {}
         for wire in policies:
             bundle = _policy_from_wire(wire)
@@ -241,7 +275,8 @@ class MarsWorkerExtension:
                     f"policy {bundle.ref} scores {bundle.parameters.score_positions} positions; "
                     "the vLLM engine supports score_positions=1 only"
                 )
-            if bundle.layer not in marked:
+            in_range = 0 <= bundle.layer < len(layers)
+            if not in_range or getattr(layers[bundle.layer], "_mars_layer", None) != bundle.layer:
                 raise SteeringError(
                     f"policy {bundle.ref} steers layer {bundle.layer} but the engine's compiled "
                     f"model has the guardrail op in layers {sorted(marked)} (decoder layers "
@@ -258,7 +293,12 @@ class MarsWorkerExtension:
         else:
             guard.policies.update(loaded)
             guard.default = default
-        return {"layers": sorted(marked), "policies": sorted(guard.policies)}
+        return {
+            "layers": sorted(marked),
+            "policies": sorted(guard.policies),
+            "hidden_size": text.hidden_size,
+            "num_layers": text.num_hidden_layers,
+        }
 
     def mars_pop(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         guard = getattr(self, "_mars_guard", None)
