@@ -42,6 +42,7 @@ from guardrail import Guardrail, PolicyBundle, calibrate  # noqa: E402
 from guardrail.calibration.calibrate import CalibrationTargets  # noqa: E402
 from guardrail.calibration.report import _png, histogram_plot, sweep_plot  # noqa: E402
 from guardrail.datasets import load_prompts, spread  # noqa: E402
+from guardrail.evaluation.defaults import BATCH_SIZE, MAX_NEW_TOKENS  # noqa: E402
 from guardrail.evaluation.evaluate import RefusalJudge, default_renderer  # noqa: E402
 from guardrail.models.loading import load_model  # noqa: E402
 
@@ -96,73 +97,183 @@ def run(guard: Guardrail, convs: list[Any], policy: PolicyBundle | None, args: a
     return out
 
 
+class Bench:
+    """The model, the policy variants and the prompt sets of one run, built the same way
+    in every worker process. The poor-layer bundle is calibrated once (:meth:`calibrate_poor`)
+    and read from ``poor_dir`` by whoever runs its jobs."""
+
+    def __init__(self, args: argparse.Namespace, poor_dir: str):
+        self.args = args
+        self.poor_dir = poor_dir
+        model, processor = load_model(args.model)
+        self.model, self.processor = model, processor
+        self.guard = Guardrail(model, processor)
+        self.bundle = PolicyBundle.from_pretrained(args.policy, adapter=self.guard.adapter)
+        self.modalities = media_modalities(self.guard, args.model)
+        layers = self.guard.adapter.num_layers
+        self.poor_layer = args.poor_layer if args.poor_layer is not None else max(1, layers // 10)
+        self.poor_name = f"full MARS, poor layer ({self.poor_layer})"
+        self.variants = variants(self.bundle, None)
+        self.names = [*self.variants, self.poor_name]
+        renderer = default_renderer(args.model)
+
+        def test_prompts(source: str, **filters: Any) -> list[str]:
+            return split_prompts(source, "test", args.limit, **filters)
+
+        harmful = test_prompts("harmful")
+        benign = test_prompts("harmless", exclude_category="near_miss")
+        near_miss = test_prompts("harmless", category="near_miss")
+        borderline = test_prompts("borderline")
+        modalities = self.modalities
+        sets = {("harmful", "text"): conversations(harmful, "text", renderer),
+                ("benign", "text"): conversations(benign, "text", renderer)}
+        for m in modalities:
+            sets[("harmful", m)] = conversations(harmful, m, renderer)
+        sets[("near-miss", "text")] = conversations(near_miss, "text", renderer)
+        if "image" in modalities:
+            sets[("benign", "image")] = conversations(benign, "image", renderer)
+            sets[("near-miss", "image")] = conversations(near_miss, "image", renderer)
+        if "video" in modalities:
+            sets[("benign", "video")] = conversations(benign, "video", renderer)
+        sets[("borderline", "text")] = conversations(borderline, "text", renderer)
+        self.sets = sets
+        self.prompts = ({("harmful", m): harmful for m in ("text", *modalities)}
+                        | {("benign", m): benign for m in ("text", *modalities)}
+                        | {("near-miss", m): near_miss for m in ("text", "image")}
+                        | {("borderline", "text"): borderline})
+        self.judge = RefusalJudge()
+
+    def calibrate_poor(self) -> None:
+        """The same recipe at an early layer, saved to ``poor_dir``."""
+        bundle = self.bundle
+        poor = calibrate(
+            self.model, self.processor, "harmful", "harmless", layers=[self.poor_layer],
+            name=bundle.name, version=bundle.version,
+            targets=CalibrationTargets(max_validation=32, lam_grid=(bundle.parameters.lam,),
+                                       kappa_grid=(bundle.parameters.kappa,)),
+            progress=False,
+        )
+        poor.save_pretrained(self.poor_dir)
+
+    def variant(self, name: str) -> PolicyBundle | None:
+        if name == self.poor_name and name not in self.variants:
+            self.variants[name] = PolicyBundle.from_pretrained(self.poor_dir)
+        return self.variants[name]
+
+    def job(self, name: str, key: tuple[str, str]) -> tuple[list[bool], list[list[int]]]:
+        """One variant on one set: each prompt's verdict (refused) and answer tokens."""
+        results = run(self.guard, self.sets[key], self.variant(name), self.args)
+        refused = [bool(self.judge(p, r)) for p, r in zip(self.prompts[key], results, strict=True)]
+        return refused, [list(r.token_ids) for r in results]
+
+
+Job = tuple[str, tuple[str, str]]
+Outcome = tuple[list[bool], list[list[int]]]
+_BENCH: Bench | None = None
+
+
+def _worker_init(args: argparse.Namespace, poor_dir: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    global _BENCH
+    _BENCH = Bench(args, poor_dir)
+
+
+def _worker_calibrate() -> None:
+    assert _BENCH is not None
+    _BENCH.calibrate_poor()
+
+
+def _worker_job(job: Job) -> Outcome:
+    assert _BENCH is not None
+    return _BENCH.job(*job)
+
+
+def run_jobs(bench: Bench, jobs: list[Job], started: float) -> dict[Job, Outcome]:
+    """The poor-layer calibration and every (variant, set) job, in this process or
+    spread over ``--workers`` processes (the poor layer's jobs once it is calibrated)."""
+    args = bench.args
+    done: dict[Job, Outcome] = {}
+    if args.workers == 1:
+        bench.calibrate_poor()
+        for job in jobs:
+            done[job] = bench.job(*job)
+            if job[1] == jobs[-1][1]:
+                print(f"  done: {job[0]} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        return done
+    import torch
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    threads = args.threads or max(1, torch.get_num_threads() // args.workers)
+    poor_jobs = [j for j in jobs if j[0] == bench.poor_name]
+    # Media sets first: they are the long jobs, and the pool then ends evenly.
+    rest = sorted((j for j in jobs if j[0] != bench.poor_name), key=lambda j: j[1][1] == "text")
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(args, bench.poor_dir, threads)) as pool:
+        calibrating = pool.submit(_worker_calibrate)
+        pending: dict[Future[Any], Job | None] = {calibrating: None}
+        pending |= {pool.submit(_worker_job, job): job for job in rest}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = pending.pop(future)
+                result = future.result()
+                if job is None:  # the poor layer is calibrated: its jobs can run
+                    pending |= {pool.submit(_worker_job, j): j for j in poor_jobs}
+                    continue
+                done[job] = result
+                if len(done) % 10 == 0 or len(done) == len(jobs):
+                    print(f"  done: {len(done)}/{len(jobs)} jobs ({time.perf_counter() - started:.0f} s)",
+                          file=sys.stderr)
+    return done
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="organism")
     parser.add_argument("--policy", default=str(ROOT / "policies" / "organism" / "1.0.0"))
     parser.add_argument("--limit", type=int, default=40, help="prompts per set (test split)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--poor-layer", type=int, default=None, help="default: 10 %% of depth")
     parser.add_argument("--out", default=None, help="directory for plots and JSON")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes sharing the jobs (one per variant and prompt set)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: torch's, split over --workers)")
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    model, processor = load_model(args.model)
-    guard = Guardrail(model, processor)
-    bundle = PolicyBundle.from_pretrained(args.policy, adapter=guard.adapter)
-    renderer = default_renderer(args.model)
-    modalities = media_modalities(guard, args.model)
+    import tempfile
 
-    def test_prompts(source: str, **filters: Any) -> list[str]:
-        return split_prompts(source, "test", args.limit, **filters)
-
-    harmful = test_prompts("harmful")
-    benign = test_prompts("harmless", exclude_category="near_miss")
-    near_miss = test_prompts("harmless", category="near_miss")
-    borderline = test_prompts("borderline")
-
-    poor_layer = args.poor_layer if args.poor_layer is not None else max(1, guard.adapter.num_layers // 10)
-    poor = calibrate(
-        model, processor, "harmful", "harmless", layers=[poor_layer], name=bundle.name, version=bundle.version,
-        targets=CalibrationTargets(max_validation=32, lam_grid=(bundle.parameters.lam,),
-                                   kappa_grid=(bundle.parameters.kappa,)),
-        progress=False,
-    )
-
-    judge = RefusalJudge()
-    sets = {("harmful", "text"): conversations(harmful, "text", renderer),
-            ("benign", "text"): conversations(benign, "text", renderer)}
-    for m in modalities:
-        sets[("harmful", m)] = conversations(harmful, m, renderer)
-    sets[("near-miss", "text")] = conversations(near_miss, "text", renderer)
-    if "image" in modalities:
-        sets[("benign", "image")] = conversations(benign, "image", renderer)
-        sets[("near-miss", "image")] = conversations(near_miss, "image", renderer)
-    if "video" in modalities:
-        sets[("benign", "video")] = conversations(benign, "video", renderer)
-    sets[("borderline", "text")] = conversations(borderline, "text", renderer)
-    prompts = ({("harmful", m): harmful for m in ("text", *modalities)}
-               | {("benign", m): benign for m in ("text", *modalities)}
-               | {("near-miss", m): near_miss for m in ("text", "image")}
-               | {("borderline", "text"): borderline})
+    with tempfile.TemporaryDirectory(prefix="claims-poor-") as tmp:
+        bench = Bench(args, str(Path(tmp) / "poor"))
+        bundle, modalities = bench.bundle, bench.modalities
+        names, set_keys = bench.names, list(bench.sets)
+        jobs = [(name, key) for name in names for key in set_keys]
+        done = run_jobs(bench, jobs, started)
+        del bench
 
     table: dict[str, dict[str, float]] = {}
-    reference: dict[tuple[str, str], list[Any]] = {}
-    for name, policy in variants(bundle, poor).items():
+    for name in names:
         row: dict[str, float] = {}
         identical: list[bool] = []
-        for key, convs in sets.items():
-            results = run(guard, convs, policy, args)
-            if policy is None:
-                reference[key] = results
-            refused = [judge(p, r) for p, r in zip(prompts[key], results, strict=True)]
+        for key in set_keys:
+            refused, tokens = done[(name, key)]
             row[f"{key[0]} {key[1]}"] = sum(refused) / len(refused)
             if key[0] == "benign":
-                identical += [a.token_ids == b.token_ids for a, b in zip(reference[key], results, strict=True)]
+                reference = done[("unguarded", key)][1]
+                identical += [a == b for a, b in zip(reference, tokens, strict=True)]
         row["utility"] = sum(identical) / len(identical)
         table[name] = row
-        print(f"  done: {name} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     columns = list(next(iter(table.values())))
     lines: list[str] = []

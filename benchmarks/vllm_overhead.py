@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF generate column")
     parser.add_argument("--quick", action="store_true", help="concurrency 1,8; 2 rounds")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A control: a second plain engine in the guarded engine's place, to measure "
+        "the bias between two identical engines sharing the machine",
+    )
     args = parser.parse_args(argv)
     levels = [1, 8] if args.quick else [int(x) for x in args.concurrency.split(",")]
     rounds = 2 if args.quick else args.rounds
@@ -118,19 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         "disable_log_stats": False,  # per-request metrics (TTFT, ITL) for both engines
         "seed": 0,
     }
-    print(f"building the plain and the guarded engine on {model_dir} ...", flush=True)
+    second = "a second plain (control)" if args.control else "the guarded"
+    print(f"building the plain and {second} engine on {model_dir} ...", flush=True)
     plain = LLM(model_dir, **engine)
-    guarded = GuardedLLM(model_dir, policy=policy, **engine)
+    if args.control:
+        guarded: Any = LLM(model_dir, **engine)
+    else:
+        guarded = GuardedLLM(model_dir, policy=policy, **engine)
+    is_guarded = not args.control
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
 
     rows = []
     for c in levels:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c)]
         run_vllm(plain, prompts, params, False)  # warm-up at this batch size
-        run_vllm(guarded, prompts, params, True)
+        run_vllm(guarded, prompts, params, is_guarded)
         p_runs, g_runs = [], []
         for r in range(rounds):
-            order = [(plain, False, p_runs), (guarded, True, g_runs)]
+            order = [(plain, False, p_runs), (guarded, is_guarded, g_runs)]
             for llm, is_guarded, sink in order if r % 2 == 0 else order[::-1]:
                 sink.append(run_vllm(llm, prompts, params, is_guarded))
         tps_ratio = [g["tps"] / p["tps"] for p, g in zip(p_runs, g_runs, strict=True)]
@@ -191,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     ok_tps = all(r["tps_ratio"] >= 0.98 for r in rows)
     ok_ttft = all(r["ttft_ratio"] <= 1.05 for r in rows)
-    print(
-        f"target throughput ratio >= 0.98: {'met' if ok_tps else 'NOT met'}; "
-        f"TTFT ratio <= 1.05: {'met' if ok_ttft else 'NOT met'}"
-    )
+    if args.control:
+        print("A/A control: the 'guarded' columns are a second plain engine (no guardrail)")
+    else:
+        print(
+            f"target throughput ratio >= 0.98: {'met' if ok_tps else 'NOT met'}; "
+            f"TTFT ratio <= 1.05: {'met' if ok_ttft else 'NOT met'}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     tmp.cleanup()
