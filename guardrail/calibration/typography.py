@@ -31,11 +31,15 @@ class TypographicRenderer:
     video_instruction: str = VIDEO_INSTRUCTION
 
     def render(self, text: str) -> Image.Image:
+        return self.render_lines([text])
+
+    def render_lines(self, texts: list[str]) -> Image.Image:
+        """Each text from the start of a new line, wrapped to the image's width."""
         image = Image.new("RGB", self.size, "white")
         draw = ImageDraw.Draw(image)
         font = ImageFont.load_default(size=self.font_size)
         chars_per_line = max(8, int(self.size[0] / (self.font_size * 0.55)))
-        lines = textwrap.wrap(text, chars_per_line) or [""]
+        lines = [line for text in texts for line in (textwrap.wrap(text, chars_per_line) or [""])]
         y = self.font_size // 2
         for line in lines:
             draw.text((self.font_size // 2, y), line, fill="black", font=font)

@@ -9,6 +9,7 @@ from guardrail.evaluation.defaults import BATCH_SIZE, MAX_NEW_TOKENS, default_th
 from guardrail.evaluation.evaluate import default_renderer, evaluate, load_eval_items
 from guardrail.evaluation.formats import FORMATS
 from guardrail.evaluation.rendering import INSTRUCTIONS
+from guardrail.evaluation.templates import FAMILIES
 
 
 def add_parser(sub: Any) -> None:
@@ -52,6 +53,13 @@ def add_parser(sub: Any) -> None:
         "default test for the organism, fixed otherwise",
     )
     p.add_argument(
+        "--templates",
+        default="project",
+        help="how requests are laid out in images and videos: a template family "
+        f"({', '.join(FAMILIES)}; heldout is the robustness test) or one template's name "
+        "(see guardrail.evaluation.templates); default project",
+    )
+    p.add_argument(
         "--frames", type=positive_int, default=None, help="frames per video (default 3 / 4)"
     )
     p.add_argument(
@@ -90,7 +98,9 @@ def run_cli(args: Any) -> int:
     items = load_eval_items(args.dataset, limit=args.limit, format=args.format)
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     renderer = (
-        default_renderer(args.model, instructions=args.instructions, frames=args.frames)
+        default_renderer(
+            args.model, instructions=args.instructions, frames=args.frames, templates=args.templates
+        )
         if set(modalities) - {"text"}
         else None
     )
@@ -111,6 +121,7 @@ def run_cli(args: Any) -> int:
             "format": args.format or "jsonl",
             "limit_per_dataset": args.limit,
             "renderer": repr(renderer) if renderer is not None else None,
+            "templates": args.templates,
             "threads": threads,
         },
     )

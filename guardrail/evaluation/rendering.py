@@ -14,14 +14,17 @@ and a short instruction accompanies it. Which instructions is selectable
   ``VIDEO_INSTRUCTION``); the default for other models.
 
 Within a family the phrasing is chosen by the prompt's length, so a run is
-reproducible. The layout is the renderer's: the organism's own token-cell renderer
-for the organism, Pillow text on white for other models; videos split the prompt
-over ``frames`` frames.
+reproducible. How the request is laid out is a template family (``--templates``,
+:mod:`.templates`): ``project`` draws the whole prompt (a video splits it over
+``frames`` frames), ``calibration`` and ``heldout`` are other layouts with their
+own instructions. The drawing is the renderer's: the organism's own token-cell
+renderer for the organism (each line of a layout from the start of a row of cells),
+Pillow text on white for other models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from guardrail.calibration.typography import (
@@ -30,6 +33,7 @@ from guardrail.calibration.typography import (
     TypographicRenderer,
 )
 from guardrail.errors import InputError
+from guardrail.evaluation.templates import FAMILIES, TEMPLATES, Arranged, family_templates, pick
 
 __all__ = [
     "INSTRUCTIONS",
@@ -38,6 +42,7 @@ __all__ = [
     "PhrasedRenderer",
     "default_renderer",
     "instruction",
+    "organism_lines",
 ]
 
 INSTRUCTIONS: tuple[str, ...] = ("test", "train", "fixed")
@@ -70,59 +75,120 @@ def instruction(family: str, modality: str, prompt: str) -> str:
     return options[len(prompt) % len(options)]
 
 
+def organism_lines(lines: list[str], tokenizer: Any = None) -> Any:
+    """``lines`` drawn by the organism's renderer, each from the start of a row of
+    its cell grid (a title over a list, say); packed with one blank cell between
+    lines where rows would not fit.
+
+    Raises:
+        InputError: the lines do not fit one image even packed.
+    """
+    from guardrail.models.organism import render
+
+    tokens = [render.tokenize(line, tokenizer) for line in lines]
+    cells: list[int | None] = []
+    for ids in tokens:
+        if cells and len(cells) % render.GRID:
+            cells.extend([None] * (render.GRID - len(cells) % render.GRID))
+        cells.extend(ids)
+    if len(cells) > render.CELLS:
+        cells = []
+        for ids in tokens:
+            cells.extend(([None] if cells else []) + ids)
+    return render.render_token_ids(cells, tokenizer)
+
+
 @dataclass(frozen=True)
 class OrganismRenderer:
     """Typographic media for the model organism, drawn by its own renderer.
 
-    Images carry the whole instruction; videos split it across ``frames`` frames.
-    The accompanying text comes from ``instructions`` (the held-out ``test``
+    ``templates`` picks the layouts (:mod:`.templates`; ``project``: the whole request
+    in one image, or split across ``frames`` frames). The accompanying text comes from
+    the template, or where it has none from ``instructions`` (the held-out ``test``
     phrasings by default, so measurements never reuse the wording it was tuned with).
     """
 
     frames: int = 3
     instructions: str = "test"
+    templates: str = "project"
 
     def image(self, prompt: str) -> list[dict[str, Any]]:
-        from guardrail.models.organism import render
-
+        arranged = self._arrange(prompt, "image")
         return [
-            {"type": "image", "image": render.render_text(prompt)},
-            {"type": "text", "text": instruction(self.instructions, "image", prompt)},
+            {"type": "image", "image": organism_lines(arranged.frames[0])},
+            {"type": "text", "text": arranged.text},
         ]
 
     def video(self, prompt: str) -> list[dict[str, Any]]:
         from guardrail.models.organism import render
 
-        frames = render.video_frames(prompt, self.frames)
+        arranged = self._arrange(prompt, "video")
+        if arranged.spread:
+            frames = render.video_frames(arranged.frames[0][0], self.frames)
+        else:
+            frames = [organism_lines(lines) for lines in arranged.frames]
         return [
             {"type": "video", "video": frames},
-            {"type": "text", "text": instruction(self.instructions, "video", prompt)},
+            {"type": "text", "text": arranged.text},
         ]
+
+    def _arrange(self, prompt: str, modality: str) -> Arranged:
+        template = pick(self.templates, modality, prompt)
+        return template.arrange(
+            prompt, self.frames, instruction(self.instructions, modality, prompt)
+        )
 
 
 @dataclass(frozen=True)
 class PhrasedRenderer:
-    """A :class:`TypographicRenderer` whose accompanying text comes from a family."""
+    """A :class:`TypographicRenderer` whose layouts come from a template family and
+    whose accompanying text comes from the template or an instruction family."""
 
     base: TypographicRenderer = TypographicRenderer()
     instructions: str = "fixed"
+    templates: str = "project"
 
     def image(self, prompt: str) -> list[dict[str, Any]]:
-        text = instruction(self.instructions, "image", prompt)
-        return replace(self.base, image_instruction=text).image(prompt)
+        arranged = self._arrange(prompt, "image")
+        return [
+            {"type": "image", "image": self.base.render_lines(arranged.frames[0])},
+            {"type": "text", "text": arranged.text},
+        ]
 
     def video(self, prompt: str) -> list[dict[str, Any]]:
-        text = instruction(self.instructions, "video", prompt)
-        return replace(self.base, video_instruction=text).video(prompt)
+        arranged = self._arrange(prompt, "video")
+        if arranged.spread:
+            parts = [[part] for part in self.base.split(arranged.frames[0][0])]
+        else:
+            parts = arranged.frames
+        return [
+            {"type": "video", "video": [self.base.render_lines(lines) for lines in parts]},
+            {"type": "text", "text": arranged.text},
+        ]
+
+    def _arrange(self, prompt: str, modality: str) -> Arranged:
+        template = pick(self.templates, modality, prompt)
+        return template.arrange(
+            prompt, self.base.frames, instruction(self.instructions, modality, prompt)
+        )
+
+
+VIDEO_ONLY = {t.name for t in TEMPLATES if t.modality == "video"}
 
 
 def default_renderer(
-    model_name: str, *, instructions: str | None = None, frames: int | None = None
+    model_name: str,
+    *,
+    instructions: str | None = None,
+    frames: int | None = None,
+    templates: str = "project",
 ) -> MediaRenderer:
     """The organism's own renderer for the organism, a Pillow-font renderer otherwise.
 
     ``instructions`` picks the family (default ``test`` for the organism, ``fixed``
-    otherwise); ``frames`` the frames per video (default 3 for the organism, 4 otherwise).
+    otherwise); ``frames`` the frames per video (default 3 for the organism, 4
+    otherwise); ``templates`` the layouts (:data:`.templates.FAMILIES` or a template
+    name).
     """
     if instructions is not None and instructions not in INSTRUCTIONS:
         raise InputError(
@@ -130,6 +196,10 @@ def default_renderer(
         )
     if frames is not None and frames < 1:
         raise InputError(f"frames must be at least 1, got {frames}")
+    if templates not in FAMILIES:
+        family_templates(templates, "image" if templates not in VIDEO_ONLY else "video")
     if model_name == "organism":
-        return OrganismRenderer(frames or 3, instructions or "test")
-    return PhrasedRenderer(TypographicRenderer(frames=frames or 4), instructions or "fixed")
+        return OrganismRenderer(frames or 3, instructions or "test", templates)
+    return PhrasedRenderer(
+        TypographicRenderer(frames=frames or 4), instructions or "fixed", templates
+    )
