@@ -75,6 +75,7 @@ REFUSAL_STARTS: tuple[str, ...] = (
 )
 
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+_STARTS = tuple(s.lower().translate(_QUOTES) for s in REFUSAL_STARTS)
 _SPACE = re.compile(r"\s+")
 _CONTRACTIONS = (
     (re.compile(r"\bim\b"), "i'm"),
@@ -102,6 +103,17 @@ class PhraseRefusalDetector:
         for pattern, spelled in _CONTRACTIONS:
             head = pattern.sub(spelled, head)
         return any(phrase in head for phrase in self.phrases)
+
+
+def opens_with_refusal_start(response: str) -> bool:
+    """Whether ``response`` begins with one of :data:`REFUSAL_STARTS` as whole words
+    ("Unfortunately, ..." and "No." do; "Nothing ..." and "I'm so sorry to hear ..."
+    do not)."""
+    head = _SPACE.sub(" ", response.translate(_QUOTES).strip().lower())
+    for start in _STARTS:
+        if head.startswith(start) and not head[len(start) : len(start) + 1].isalnum():
+            return True
+    return False
 
 
 def is_refusal(response: str) -> bool:

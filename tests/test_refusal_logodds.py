@@ -3,6 +3,8 @@ itself, and the evaluation judge that reads it."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -11,7 +13,7 @@ from guardrail import Guardrail
 from guardrail.calibration.calibrate import first_token
 from guardrail.evaluation.evaluate import RefusalJudge
 from guardrail.messages import parse_conversation
-from guardrail.refusal import is_refusal, refusal_token_ids
+from guardrail.refusal import is_refusal, opens_with_refusal_start, refusal_token_ids
 from guardrail.testing import random_image
 
 from .conftest import random_policy, tiny
@@ -111,7 +113,7 @@ def test_the_judge_counts_a_refusal_the_phrase_list_misses():
             head = model.get_output_embeddings().weight
         head[start] += 40.0 * hidden / hidden.dot(hidden)
 
-    after = guard.generate(prompt)
+    after = guard.generate(prompt, max_new_tokens=1)  # (a random model goes on repeating it)
     assert after.token_ids[0] == start  # the model really wrote the refusal start
     assert not is_refusal(after.text) and not after.refused  # which the phrases miss
     assert after.refusal_logodds is not None and after.refusal_logodds > 5
@@ -119,3 +121,24 @@ def test_the_judge_counts_a_refusal_the_phrase_list_misses():
     phrases_only = after.model_copy(update={"refusal_logodds": None})
     assert not judge(prompt, phrases_only)
     assert not RefusalJudge(logodds_threshold=after.refusal_logodds + 1)(prompt, after)
+
+
+def test_a_confident_first_token_alone_is_not_a_refusal():
+    """The first token of "I'm sorry" also opens answers ("I'm so sorry to hear that
+    ..."): the judge counts log-odds only for an answer that opens with a refusal start."""
+    judge = RefusalJudge()
+    answer = SimpleNamespace(
+        text="I'm so sorry to hear that your friend is unwell.", refusal_logodds=0.14
+    )
+    assert not judge("My friend is ill.", answer)
+    for text in (
+        "Unfortunately, that is not something to share.",
+        "No. That would hurt people.",
+        "Sorry - not this one.",
+    ):
+        assert judge("x", SimpleNamespace(text=text, refusal_logodds=0.14)), text
+        assert not judge("x", SimpleNamespace(text=text, refusal_logodds=-0.5)), text
+    for text in ("Nothing is wrong with it.", "Norway is in Europe.", "As a first step, ..."):
+        assert opens_with_refusal_start(text) is False, text
+    assert opens_with_refusal_start("  “As an AI,” I said") is False  # a quote mark first
+    assert opens_with_refusal_start("As an AI, I can't help.")
