@@ -328,3 +328,44 @@ def test_candidate_layers_leave_out_the_last_fifth():
     assert candidate_layers(10, (0.0, 1.0)) == list(range(10))
     with pytest.raises(InputError, match="selects no layer"):
         candidate_layers(2, (0.6, 0.7))
+
+
+def test_drawn_harmless_prompts_average_into_the_offset_and_join_the_gate():
+    """calibrate(drawn=...): the harmless train prompts drawn as images are a second
+    harmless image set; the image offset is the mean of the neutral and the drawn
+    set's offsets, and the drawn validation prompts are scored for the gate."""
+    from guardrail.calibration.calibrate import accumulate_means
+    from guardrail.calibration.typography import TypographicRenderer
+    from guardrail.evaluation.rendering import PhrasedRenderer
+
+    model, processor = tiny("llava")
+    drawn = PhrasedRenderer(
+        TypographicRenderer(size=(32, 32), font_size=6), templates="calibration"
+    )
+    harmful, harmless = _subset("harmful", 12, 8), _subset("harmless", 12, 8)
+    common = dict(
+        layers=[1],
+        targets=SMALL,
+        media=NeutralMedia(seed=3, image_size=(32, 32)),
+        progress=False,
+        batch_size=8,
+    )
+    plain = calibrate(model, processor, harmful, harmless, **common)
+    both = calibrate(model, processor, harmful, harmless, drawn=drawn, **common)
+    adapter = ModelAdapter(model, processor)
+    train = [p.prompt for p in harmless if p.split == "train"]
+    drawn_mean = accumulate_means(
+        adapter,
+        (parse_conversation([{"role": "user", "content": drawn.image(p)}]) for p in train),
+        [1],
+    )[1]
+    mu_S = plain.tensors["mu_S"].double()
+    expected = (plain.delta("image").double() + (drawn_mean - mu_S)) / 2
+    assert torch.allclose(both.delta("image").double(), expected, atol=1e-5)
+    assert not torch.allclose(both.delta("image"), plain.delta("image"), atol=1e-4)
+    record = both.manifest.calibration
+    assert (
+        "templates='calibration'" in record["drawn"] and plain.manifest.calibration["drawn"] is None
+    )
+    assert len(record["validation_scores"]["image+drawn"]) == 8
+    assert "kl_image+drawn" in record["grid"][0]  # the drawn set is a benign set of the objective

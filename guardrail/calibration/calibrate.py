@@ -60,6 +60,9 @@ from guardrail.steering import (
     window_mean,
 )
 
+DRAWN = "+drawn"
+"""Suffix of the harmless sets drawn as media (``calibrate(drawn=...)``): ``image+drawn``."""
+
 
 @dataclass(frozen=True)
 class CalibrationTargets:
@@ -100,7 +103,9 @@ class _Set:
 
     Conversations are built on demand (neutral media included), each from its own
     seeded generator, so the set never holds all its media in memory and every
-    item is reproducible on its own.
+    item is reproducible on its own. With a ``renderer`` the prompt itself is drawn
+    in the modality (``renderer.image(prompt)`` / ``renderer.video(prompt)``: the
+    media and the text beside them) instead of accompanying neutral media.
     """
 
     name: str
@@ -108,6 +113,7 @@ class _Set:
     modality: str | None = None
     media: NeutralMedia = field(default_factory=NeutralMedia)
     split: str = "train"
+    renderer: Any = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -116,6 +122,9 @@ class _Set:
         prompt = self.prompts[index].prompt
         if self.modality is None:
             content: Any = prompt
+        elif self.renderer is not None:
+            draw = self.renderer.image if self.modality == "image" else self.renderer.video
+            content = draw(prompt)
         else:
             rng = random.Random(f"{self.media.seed}:{self.split}:{self.modality}:{index}")
             content = [
@@ -371,6 +380,7 @@ def calibrate(
     batch_size: int = 8,
     seed: int = 0,
     media: NeutralMedia | None = None,
+    drawn: Any = None,
     progress: bool = True,
 ) -> PolicyBundle:
     """Calibrate a MARS policy bundle for ``model`` from text-only prompt sets.
@@ -385,6 +395,14 @@ def calibrate(
         modalities: non-text modalities to calibrate re-centring for (default:
             every modality the model supports).
         layers: candidate layers (default: ``targets.layer_range`` of the layer count).
+        drawn: optional renderer of text prompts as media (``image(prompt)`` and
+            ``video(prompt)`` return content parts, e.g.
+            ``guardrail.evaluation.rendering.default_renderer(model_name,
+            templates="calibration")``). The harmless prompts drawn by it are a second
+            harmless set per modality beside the neutral media: the modality's offset
+            is the mean of the two sets' offsets (an offset averaged over templates),
+            and the drawn validation prompts are one more benign set the gate's
+            trigger rate holds on. Only harmless text is drawn: no unsafe media.
     """
     started = time.perf_counter()
     targets = targets or CalibrationTargets()
@@ -430,6 +448,11 @@ def calibrate(
     val_sets = [_Set("harmful", H_val, split="val"), _Set("harmless", S_val, split="val")] + [
         _Set(m, S_val, modality=m, media=media, split="val") for m in mods
     ]
+    if drawn is not None:
+        train_sets += [_Set(f"{m}{DRAWN}", S_train, modality=m, renderer=drawn) for m in mods]
+        val_sets += [
+            _Set(f"{m}{DRAWN}", S_val, modality=m, split="val", renderer=drawn) for m in mods
+        ]
 
     # 1. streaming means on the train sets
     total = sum(len(s) for s in train_sets)
@@ -442,6 +465,10 @@ def calibrate(
             )
     finally:
         bar.close()
+    if drawn is not None:  # the offset averaged over the neutral and the drawn set
+        for m in mods:
+            extra = means.pop(f"{m}{DRAWN}")
+            means[m] = {layer: (means[m][layer] + extra[layer]) / 2 for layer in cands}
     t_collect = time.perf_counter() - started
 
     # 2. per-example validation activations, unguarded first-token statistics
@@ -483,7 +510,8 @@ def calibrate(
         acts = val_acts[set_name][bundle.layer]
         delta = torch.zeros_like(acts)
         mode = bundle.parameters.recenter if recentered else "none"
-        offset = bundle.delta(set_name) if set_name in mods else None
+        modality = set_name.removesuffix(DRAWN)
+        offset = bundle.delta(modality) if modality in mods else None
         if offset is not None and mode != "none":
             delta = offset.double().expand_as(acts)
         step = mars_step(
@@ -549,7 +577,8 @@ def calibrate(
     best = _best_grid(grid)
     final = probe.with_parameters(tau=tau, lam=best["lam"], kappa=best["kappa"])
 
-    scores = {f"{s}": val_scores(final, s) for s in ("harmful", "harmless", *mods)}
+    drawn_sets = [f"{m}{DRAWN}" for m in mods] if drawn is not None else []
+    scores = {f"{s}": val_scores(final, s) for s in ("harmful", "harmless", *mods, *drawn_sets)}
     scores.update({f"{m}_raw": val_scores(final, m, recentered=False) for m in mods})
     record = {
         "project_version": guardrail.__version__,
@@ -558,6 +587,7 @@ def calibrate(
         "python": platform.python_version(),
         "seed": seed,
         "media": {**asdict(media), "kinds": ["solid", "noise", "shapes"]},
+        "drawn": repr(drawn) if drawn is not None else None,
         "targets": asdict(targets),
         "datasets": {
             s.name + "_" + split: {"size": len(s.prompts), "digest": dataset_digest(s.prompts)}
