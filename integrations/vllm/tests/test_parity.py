@@ -342,3 +342,53 @@ def test_a_prefix_cache_hit_still_steers_the_last_prompt_token(guarded, hf, refe
     assert second.decision.intervened == first.decision.intervened
     assert second.decision.intervened == references[(name, "enforce")]["intervened"]
     assert list(second.output.outputs[0].token_ids) == list(first.output.outputs[0].token_ids)
+
+
+# -- preemption: a KV cache too small for the batch ---------------------------------
+
+BLOCK = 32  # tokens per KV block (the CPU backend wants multiples of 32)
+BLOCKS = 5  # the whole KV cache, one of them vLLM's reserved null block: two prompts
+# (<= 2 blocks each) fit in the other four, their answers do not
+LONG = 48  # new tokens: each request needs a third block while decoding
+
+
+@pytest.fixture(scope="module")
+def cramped(exported, policy, guarded) -> GuardedLLM:
+    """A guarded engine whose KV cache holds five blocks: running requests run out of
+    blocks while decoding, and vLLM preempts one, frees its blocks and later
+    recomputes it from the start (prefix caching off, so nothing of it is reused)."""
+    return GuardedLLM(
+        str(exported),
+        policy=policy,
+        dtype="float32",
+        max_model_len=BLOCK * (BLOCKS - 1),
+        block_size=BLOCK,
+        num_gpu_blocks_override=BLOCKS,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+
+
+def test_a_preempted_request_is_steered_again_when_recomputed(cramped, guarded, hf, references):
+    """Recompute runs the prompt again, t* included: the op must steer it again with
+    the same decision, or the answer would continue from unsteered keys and values.
+    The preempted engine's answers and decisions equal the roomy engine's."""
+    from vllm import SamplingParams
+
+    texts = [(name, c) for name, c, mods in CONVERSATIONS if not mods]
+    prompts = [_vllm_prompt(hf, c) for _, c in texts] * 2
+    assert all(len(hf.processor.tokenizer(p["prompt"]).input_ids) <= 2 * BLOCK for p in prompts)
+    params = SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True)
+    before = cramped.llm.collective_rpc("mars_stats")[0]
+    squeezed = cramped.generate(prompts, params)
+    after = cramped.llm.collective_rpc("mars_stats")[0]
+    # every request's t* is planned once per (re)computation of its prompt: more plans
+    # than requests means vLLM preempted and recomputed some of them
+    assert after["guarded"] - before["guarded"] > len(prompts), (before, after)
+    assert after["pending"] == 0
+    roomy = guarded.generate(prompts, params)
+    for k, (out, ref) in enumerate(zip(squeezed, roomy, strict=True)):
+        name = texts[k % len(texts)][0]
+        assert list(out.output.outputs[0].token_ids) == list(ref.output.outputs[0].token_ids), name
+        assert out.decision.score == pytest.approx(ref.decision.score, abs=SCORE_TOL), name
+        assert out.decision.intervened == references[(name, "enforce")]["intervened"], name
