@@ -35,6 +35,7 @@ validation sets (``--grid shipped`` keeps the shipped lam and kappa: one point).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -114,6 +115,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 _STATE: dict[str, Any] = {}
 
 
+@functools.cache
 def _sets(split: str, limit: int) -> dict[str, tuple[list[str], str, str]]:
     """name -> (prompts, modality, template family)."""
     from guardrail.datasets import load_prompts, spread

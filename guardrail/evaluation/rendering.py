@@ -33,7 +33,7 @@ from guardrail.calibration.typography import (
     TypographicRenderer,
 )
 from guardrail.errors import InputError
-from guardrail.evaluation.templates import FAMILIES, TEMPLATES, Arranged, family_templates, pick
+from guardrail.evaluation.templates import Arranged, check_family, pick
 
 __all__ = [
     "INSTRUCTIONS",
@@ -94,7 +94,9 @@ def organism_lines(lines: list[str], tokenizer: Any = None) -> Any:
     if len(cells) > render.CELLS:
         cells = []
         for ids in tokens:
-            cells.extend(([None] if cells else []) + ids)
+            if cells:
+                cells.append(None)
+            cells.extend(ids)
     return render.render_token_ids(cells, tokenizer)
 
 
@@ -173,9 +175,6 @@ class PhrasedRenderer:
         )
 
 
-VIDEO_ONLY = {t.name for t in TEMPLATES if t.modality == "video"}
-
-
 def default_renderer(
     model_name: str,
     *,
@@ -187,7 +186,7 @@ def default_renderer(
 
     ``instructions`` picks the family (default ``test`` for the organism, ``fixed``
     otherwise); ``frames`` the frames per video (default 3 for the organism, 4
-    otherwise); ``templates`` the layouts (:data:`.templates.FAMILIES` or a template
+    otherwise); ``templates`` the layouts (a family of :mod:`.templates` or a template
     name).
     """
     if instructions is not None and instructions not in INSTRUCTIONS:
@@ -196,8 +195,7 @@ def default_renderer(
         )
     if frames is not None and frames < 1:
         raise InputError(f"frames must be at least 1, got {frames}")
-    if templates not in FAMILIES:
-        family_templates(templates, "image" if templates not in VIDEO_ONLY else "video")
+    check_family(templates)
     if model_name == "organism":
         return OrganismRenderer(frames or 3, instructions or "test", templates)
     return PhrasedRenderer(

@@ -37,6 +37,7 @@ __all__ = [
     "TEMPLATES",
     "Arranged",
     "Template",
+    "check_family",
     "family_templates",
     "pick",
     "split_words",
@@ -251,18 +252,23 @@ FAMILIES: tuple[str, ...] = ("project", "calibration", "heldout")
 def family_templates(family: str, modality: str) -> list[Template]:
     """The templates of ``family`` for ``modality``, or the one template named
     ``family`` (``--templates numbered-list`` measures one layout alone)."""
+    check_family(family)
     found = [
         t for t in TEMPLATES if (t.family == family or t.name == family) and t.modality == modality
     ]
-    if found:
-        return found
+    if not found:
+        raise InputError(f"template {family!r} has no layout for {modality}")
+    return found
+
+
+def check_family(family: str) -> None:
+    """Raise :class:`InputError` unless ``family`` is a family or a template's name."""
     known = {t.name for t in TEMPLATES}
     if family not in FAMILIES and family not in known:
         raise InputError(
             f"unknown template family {family!r}; use one of {', '.join(FAMILIES)} "
             f"or a template name ({', '.join(sorted(known))})"
         )
-    raise InputError(f"template {family!r} has no layout for {modality}")
 
 
 def _key(request: str) -> int:
