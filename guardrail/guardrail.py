@@ -884,7 +884,7 @@ class Guardrail:
                     finish_reason=finish,
                     latency_s=latency,
                     error=errors[row],
-                    tau=policy.parameters.tau if policy is not None else None,
+                    tau=policy.parameters.gate(conv.modalities) if policy is not None else None,
                     would_intervene=(would[row] or 0.0) > 0,
                     rollout_arm=route.arm,
                     token_ids=ids,

@@ -369,3 +369,52 @@ def test_drawn_harmless_prompts_average_into_the_offset_and_join_the_gate():
     )
     assert len(record["validation_scores"]["image+drawn"]) == 8
     assert "kl_image+drawn" in record["grid"][0]  # the drawn set is a benign set of the objective
+
+
+def test_per_modality_gates_come_from_each_modality_s_benign_sets(tmp_path):
+    """CalibrationTargets(per_modality_gates=True): text rows are gated at the harmless
+    text set's quantile, images at the highest quantile of their own benign sets
+    (neutral and drawn images); the shared gate is the highest of all of them."""
+    import dataclasses
+
+    from guardrail.calibration.metrics import quantile
+    from guardrail.calibration.typography import TypographicRenderer
+    from guardrail.evaluation.rendering import PhrasedRenderer
+
+    model, processor = tiny("llava")
+    drawn = PhrasedRenderer(
+        TypographicRenderer(size=(32, 32), font_size=6), templates="calibration"
+    )
+    harmful, harmless = _subset("harmful", 12, 8), _subset("harmless", 12, 8)
+    common = dict(
+        layers=[1],
+        media=NeutralMedia(seed=3, image_size=(32, 32)),
+        drawn=drawn,
+        progress=False,
+        batch_size=8,
+    )
+    shared = calibrate(model, processor, harmful, harmless, targets=SMALL, **common)
+    split = calibrate(
+        model,
+        processor,
+        harmful,
+        harmless,
+        targets=dataclasses.replace(SMALL, per_modality_gates=True),
+        **common,
+    )
+    scores = split.manifest.calibration["validation_scores"]
+    q = {name: quantile(scores[name], 1 - SMALL.benign_trigger_rate) for name in scores}
+    text = q["harmless"]
+    media = {m: max(q[m], q[f"{m}+drawn"]) for m in ("image", "video")}
+    assert text != pytest.approx(media["image"], abs=1e-3)  # the gates differ on this model
+    assert split.parameters.tau == pytest.approx(text, rel=1e-6)
+    assert split.parameters.tau_modalities == pytest.approx(media, rel=1e-6)
+    assert split.manifest.calibration["chosen"]["tau_modalities"] == split.parameters.tau_modalities
+    assert shared.parameters.tau == pytest.approx(max(text, *media.values()), rel=1e-6)
+    assert shared.parameters.tau_modalities == {}
+    # the bundle gates each row at its modality's gate, and round-trips
+    split.save_pretrained(tmp_path / "p")
+    loaded = PolicyBundle.from_pretrained(tmp_path / "p").parameters
+    assert loaded.gate(["image"]) == pytest.approx(media["image"])
+    assert loaded.gate([]) == pytest.approx(text)
+    assert "image gate" in render_report(split)  # the report names the media gates

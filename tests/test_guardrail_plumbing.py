@@ -398,3 +398,28 @@ def test_window_score_reads_last_k_positions_and_steers_t_star_only(arch):
     assert [r.score for r in results] == pytest.approx(expected.score.tolist(), rel=1e-4, abs=1e-5)
     single = mars_step(a[rows, t_star], **kw).score
     assert not torch.allclose(single, expected.score)
+
+
+def test_per_modality_gates_open_per_row():
+    """``tau_modalities`` gates each row at its media's gate: with a text gate every
+    score passes and an image gate none does, text rows are steered and image rows are
+    served as unguarded (the gate stayed shut), each result naming its own gate."""
+    model, processor = tiny("qwen2_vl")
+    batch = conversations("qwen2_vl")
+    kinds = [sorted(parse_conversation(c).modalities) for c in batch]
+    assert ["image"] in kinds and ["video"] in kinds
+    policy = strong_policy(model, processor, tau_modalities={"image": 1e6})
+    guard = Guardrail(model, processor, policy)
+    off = guard.generate(batch, mode="off", max_new_tokens=5)
+    gated = guard.generate(batch, max_new_tokens=5)
+    for kind, o, r in zip(kinds, off, gated, strict=True):
+        if kind == ["image"]:
+            assert r.tau == 1e6 and r.intervened is False and r.strength == 0.0
+            assert r.token_ids == o.token_ids
+        else:  # text and video rows use tau (video has no gate of its own here)
+            assert r.tau == -10.0 and r.intervened is True and r.strength > 0
+    # the same bundle with the image gate as low as the others steers every row
+    low = Guardrail(
+        model, processor, strong_policy(model, processor, tau_modalities={"image": -10.0})
+    )
+    assert all(r.intervened for r in low.generate(batch, max_new_tokens=5))

@@ -7,7 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import guardrail.policy.bundle as policy_mod
-from guardrail.errors import BundleNotFoundError, PolicyCompatibilityError, PolicyIntegrityError
+from guardrail.errors import (
+    BundleNotFoundError,
+    InputError,
+    PolicyCompatibilityError,
+    PolicyIntegrityError,
+)
 from guardrail.policy.bundle import MANIFEST, TENSORS, PolicyBundle, _sha256
 
 from .conftest import random_policy, tiny
@@ -156,6 +161,29 @@ def test_score_positions_round_trip_and_old_bundles_keep_their_bytes(tmp_path, t
     written = json.loads((tmp_path / "p" / MANIFEST).read_text())
     assert "score_positions" not in written["parameters"]
     assert PolicyBundle.from_pretrained(tmp_path / "p").parameters.score_positions == 1
+
+
+def test_per_modality_gates_round_trip_and_pick_the_row_gate(tmp_path, tiny_llama):
+    """``tau_modalities`` is saved and read back; a row's gate is its media's (the
+    lowest when it has several), ``tau`` for text only and for a modality without one;
+    empty, it is not written (older bundles keep their bytes); bad values are refused."""
+    gated = random_policy(*tiny_llama, tau=0.5, tau_modalities={"image": 0.7, "video": 0.3})
+    gated.save_pretrained(tmp_path / "g")
+    params = PolicyBundle.from_pretrained(tmp_path / "g").parameters
+    assert params.tau_modalities == {"image": 0.7, "video": 0.3}
+    assert params.gate([]) == 0.5 and params.gate(["text"]) == 0.5
+    assert params.gate(["image"]) == 0.7 and params.gate(["video"]) == 0.3
+    assert params.gate(["image", "video"]) == 0.3
+    only_image = gated.with_parameters(tau_modalities={"image": 0.7}).parameters
+    assert only_image.gate(["video"]) == 0.5 and only_image.gate(["image", "video"]) == 0.5
+    plain = random_policy(*tiny_llama)
+    plain.save_pretrained(tmp_path / "p")
+    written = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    assert "tau_modalities" not in written["parameters"]
+    with pytest.raises(InputError, match="tau_modalities"):
+        plain.with_parameters(tau_modalities={"image": float("nan")})
+    with pytest.raises(InputError, match="tau_modalities"):
+        plain.with_parameters(tau_modalities={"audio": 0.4})
 
 
 def test_released_bundles_are_never_rewritten():

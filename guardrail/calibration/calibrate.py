@@ -70,6 +70,11 @@ class CalibrationTargets:
 
     benign_trigger_rate: float = 0.02
     """``tau``: the gate fires on at most this share of benign validation inputs, per set."""
+    per_modality_gates: bool = False
+    """One gate per input modality (``SteeringParameters.tau_modalities``): text rows are
+    gated by the harmless text set's trigger rate alone, each media modality by its own
+    benign sets (its neutral media, and its drawn harmless prompts with ``drawn=``).
+    ``False``: one gate, the highest of every benign set's quantile."""
     kl_bound: float = 0.25
     """Layers whose mean benign first-token KL (nats) exceeds this are not eligible."""
     benign_penalty: float = 1.0
@@ -527,13 +532,25 @@ def calibrate(
         )
         return step.score.tolist()
 
-    def gate(bundle: PolicyBundle) -> float:
-        return max(quantile(val_scores(bundle, b), 1 - targets.benign_trigger_rate) for b in benign)
+    def gates(bundle: PolicyBundle) -> dict[str, Any]:
+        """``tau`` (and ``tau_modalities``): the benign sets' trigger-rate quantiles."""
+        q = {b: quantile(val_scores(bundle, b), 1 - targets.benign_trigger_rate) for b in benign}
+        if not targets.per_modality_gates:
+            return {"tau": max(q.values())}
+
+        def modality(set_name: str) -> str:
+            m = set_name.removesuffix(DRAWN)
+            return m if m in mods else "text"
+
+        return {
+            "tau": max(v for b, v in q.items() if modality(b) == "text"),
+            "tau_modalities": {m: max(v for b, v in q.items() if modality(b) == m) for m in mods},
+        }
 
     def evaluate(bundle: PolicyBundle) -> dict[str, Any]:
         row: dict[str, Any] = {
             "layer": bundle.layer,
-            **bundle.parameters.model_dump(include={"tau", "lam", "kappa"}),
+            **bundle.parameters.model_dump(include={"tau", "tau_modalities", "lam", "kappa"}),
         }
         for s in val_sets:
             steered = first_token(adapter, s, token_ids, policy=bundle, batch_size=batch_size)
@@ -553,8 +570,9 @@ def calibrate(
     bar = _Progress(len(cands), "layer sweep", progress)
     for layer in cands:
         probe = bundle_at(layer)
-        tau = gate(probe)
-        bundle = probe.with_parameters(tau=tau, lam=targets.sweep_lam, kappa=targets.sweep_kappa)
+        bundle = probe.with_parameters(
+            **gates(probe), lam=targets.sweep_lam, kappa=targets.sweep_kappa
+        )
         row = evaluate(bundle)
         row["auroc_val"] = auroc(val_scores(bundle, "harmful"), val_scores(bundle, "harmless"))
         row["gap"] = bundle.g
@@ -566,16 +584,16 @@ def calibrate(
 
     # 4. lam / kappa grid at the chosen layer
     probe = bundle_at(layer)
-    tau = gate(probe)
+    gate = gates(probe)
     points = [(lam, kappa) for lam in targets.lam_grid for kappa in targets.kappa_grid]
     bar = _Progress(len(points), "strength grid", progress)
     grid = []
     for lam, kappa in points:
-        grid.append(evaluate(probe.with_parameters(tau=tau, lam=lam, kappa=kappa)))
+        grid.append(evaluate(probe.with_parameters(**gate, lam=lam, kappa=kappa)))
         bar(1)
     bar.close()
     best = _best_grid(grid)
-    final = probe.with_parameters(tau=tau, lam=best["lam"], kappa=best["kappa"])
+    final = probe.with_parameters(**gate, lam=best["lam"], kappa=best["kappa"])
 
     drawn_sets = [f"{m}{DRAWN}" for m in mods] if drawn is not None else []
     scores = {f"{s}": val_scores(final, s) for s in ("harmful", "harmless", *mods, *drawn_sets)}
@@ -601,7 +619,7 @@ def calibrate(
         "sweep": sweep,
         "chosen_layer": layer,
         "grid": grid,
-        "chosen": {"layer": layer, "tau": tau, "lam": best["lam"], "kappa": best["kappa"]},
+        "chosen": {"layer": layer, **gate, "lam": best["lam"], "kappa": best["kappa"]},
         "validation_scores": scores,
         "timings_s": {
             "collect": round(t_collect, 3),

@@ -114,7 +114,8 @@ def histogram_plot(record: dict[str, Any]) -> Any:
             color="tab:blue",
             label=f"neutral {modality}, re-centred",
         )
-        ax.axvline(tau, color="black", linestyle=":")
+        gate = record["chosen"].get("tau_modalities", {}).get(modality, tau)
+        ax.axvline(gate, color="black", linestyle=":", label=f"{modality} gate = {gate:.2f}")
         ax.set_title(f"{modality}: before / after re-centring")
         ax.set_xlabel("score s")
         ax.legend(fontsize=8)
@@ -203,6 +204,7 @@ built with mars-guardrail {html.escape(str(record.get("project_version")))}.</p>
 <table class="summary">
 <tr><td>layer l*</td><td>{bundle.layer}</td></tr>
 <tr><td>gate tau</td><td>{params.tau:.4g}</td></tr>
+{"".join(f"<tr><td>{html.escape(m)} gate</td><td>{v:.4g}</td></tr>" for m, v in sorted(params.tau_modalities.items()))}
 <tr><td>lam</td><td>{params.lam:.4g}</td></tr>
 <tr><td>kappa (trust region rho = kappa * g)</td><td>{params.kappa:.4g}</td></tr>
 <tr><td>gap g</td><td>{bundle.g:.4g}</td></tr>

@@ -34,6 +34,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, processor = load_model(args)
     targets = CalibrationTargets(
         benign_trigger_rate=args.trigger_rate,
+        per_modality_gates=args.per_modality_gates,
         kl_bound=args.kl_bound,
         max_validation=args.max_validation,
         recenter=args.recenter,
@@ -114,6 +115,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-validation", type=positive_int, default=64)
     p.add_argument(
         "--trigger-rate", type=float, default=0.02, help="target benign gate trigger rate"
+    )
+    p.add_argument(
+        "--per-modality-gates",
+        action="store_true",
+        help="one gate per input modality, each from its own benign sets (tau_modalities)",
     )
     p.add_argument(
         "--kl-bound", type=float, default=0.25, help="benign first-token KL bound (nats)"

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -124,6 +124,15 @@ class SteeringParameters(BaseModel):
         ),
     )
 
+    tau_modalities: dict[Literal["image", "video"], float] = Field(
+        default_factory=dict,
+        description=(
+            "per-modality gates: a row carrying media of one of these modalities is gated "
+            "at that modality's value instead of tau (a row with several takes the lowest, "
+            "the stricter guard); text-only rows and modalities not listed use tau"
+        ),
+    )
+
     @field_validator("tau", "lam", "kappa", "eta")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
@@ -131,13 +140,30 @@ class SteeringParameters(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("tau_modalities")
+    @classmethod
+    def _finite_gates(cls, value: dict[str, float]) -> dict[str, float]:
+        for modality, gate in value.items():
+            if not math.isfinite(gate):
+                raise ValueError(f"the {modality} gate must be a finite number")
+        return value
+
+    def gate(self, modalities: Iterable[str]) -> float:
+        """The gate of a row with these input ``modalities`` (``tau`` for text only)."""
+        table: dict[str, float] = {str(m): gate for m, gate in self.tau_modalities.items()}
+        gates = [table.get(m, self.tau) for m in modalities if m != "text"]
+        return min(gates) if gates else self.tau
+
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # score_positions is written only when it is not 1, so that bundles written
-        # before the option existed keep their canonical bytes (digest, signature).
+        # score_positions and tau_modalities are written only when they are not the
+        # default, so that bundles written before the options existed keep their
+        # canonical bytes (digest, signature).
         data: dict[str, Any] = handler(self)
         if data.get("score_positions") == 1:
             del data["score_positions"]
+        if not data.get("tau_modalities"):
+            data.pop("tau_modalities", None)
         return data
 
 

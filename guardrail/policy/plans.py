@@ -121,7 +121,11 @@ def build_plans(
                 p_S=t["p_S"].expand(n),
                 g=t["g"].expand(n),
                 delta=torch.stack(deltas),
-                tau=per_row(params.tau),
+                tau=torch.tensor(
+                    [params.gate(convs[row].modalities) for row in rows],
+                    dtype=torch.float32,
+                    device=device,
+                ),
                 lam=per_row(params.lam),
                 kappa=per_row(params.kappa),
                 eta=per_row(params.eta),

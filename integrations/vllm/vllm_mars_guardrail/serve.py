@@ -271,7 +271,7 @@ class VLLMEngine:
             finish_reason="length" if finish == "length" else "stop",
             request_id=d.request_id,
             latency_s=latency,
-            tau=bundle.parameters.tau if bundle is not None else None,
+            tau=bundle.parameters.gate(d.modalities) if bundle is not None else None,
             would_intervene=d.would_strength > 0,
             rollout_arm=d.arm,
             shadow=shadows,

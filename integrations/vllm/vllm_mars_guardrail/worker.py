@@ -149,7 +149,11 @@ class _Guard:
                 p_S=t["p_S"].expand(k),
                 g=t["g"].expand(k),
                 delta=torch.stack(deltas),
-                tau=full(params.tau),
+                tau=torch.tensor(
+                    [params.gate(s.get("modalities", [])) for _, _, s in members],
+                    dtype=torch.float32,
+                    device=device,
+                ),
                 lam=full(params.lam),
                 kappa=full(params.kappa),
                 eta=full(params.eta),
