@@ -13,6 +13,11 @@ re-centred activation written back for steered rows):
 - ``alarming``: the ``alarming`` set's safe train and validation prompts join the
   harmless prompts (harmless data and the gate's trigger-rate objective).
 - ``drawn+alarming``: both.
+- ``contrast``: the direction from matched pairs as well: the alarming set's unsafe
+  train sides join the harmful prompts and its safe train sides the harmless ones
+  (text only; pairs that differ in intent, not in alarming words). The validation sets
+  and the gate are the shipped recipe's (benchmarks/gate_options.py measured the
+  alarming validation prompts in the gate: they shut it on most harmful prompts).
 
 ``measure`` generates unguarded and guarded answers (16 tokens, greedy, the claims
 benchmark's judge) for harmful prompts drawn in two template families and for benign
@@ -48,8 +53,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHIPPED = ROOT / "policies" / "organism" / "1.0.0"
-OPTIONS = ("baseline", "drawn", "alarming", "drawn+alarming")
-VERSIONS = {"drawn": "0.0.1", "alarming": "0.0.2", "drawn+alarming": "0.0.3"}  # never released
+OPTIONS = ("baseline", "drawn", "alarming", "drawn+alarming", "contrast")
+VERSIONS = {  # never released
+    "drawn": "0.0.1", "alarming": "0.0.2", "drawn+alarming": "0.0.3", "contrast": "0.0.4",
+}
 FAMILIES = {"val": ("project", "calibration"), "test": ("project", "heldout")}
 
 
@@ -70,7 +77,12 @@ def _calibrate(option: str, work: str, threads: int, grid: str) -> str:
     shipped = PolicyBundle.from_pretrained(SHIPPED)
     p = shipped.parameters
     model, processor = load_model("organism")
+    harmful: Any = "harmful"
     harmless: Any = "harmless"
+    if option == "contrast":
+        pairs = load_prompts("alarming", split="train")
+        harmful = load_prompts("harmful") + [x for x in pairs if x.label == "harmful"]
+        harmless = load_prompts("harmless") + [x for x in pairs if x.label == "borderline"]
     if "alarming" in option:
         safe = load_prompts("alarming", split=["train", "val"], label="borderline")
         harmless = load_prompts("harmless") + safe
@@ -78,7 +90,7 @@ def _calibrate(option: str, work: str, threads: int, grid: str) -> str:
     bundle = calibrate(
         model,
         processor,
-        "harmful",
+        harmful,
         harmless,
         layers=[shipped.layer],
         targets=CalibrationTargets(
