@@ -22,6 +22,7 @@ from vllm_mars_guardrail import GuardedLLM
 from guardrail import Guardrail
 from guardrail.errors import InputError
 from guardrail.messages import parse_conversation
+from guardrail.models import organism
 from guardrail.models.organism import render, video_message
 from guardrail.observability.events import CallbackSink, DecisionRecord
 
@@ -265,6 +266,33 @@ def test_mixed_modes_and_shadow_in_one_batch(guarded, hf, uniform):
             assert out.decision.would_strength == pytest.approx(
                 uniform["enforce"][i].decision.strength, abs=1e-4
             )
+
+
+def test_per_modality_gates_in_the_engine(guarded, hf, policy, references, tmp_path):
+    """A bundle with its own image and video gates (``tau_modalities``), served by the
+    running engine through a rollout: the worker gates each row at its modality's gate,
+    as the HF guardrail does with the same bundle (images never, videos always, text at
+    ``tau``), and the text rows are unchanged."""
+    gated = policy.derive("9.0.0", tau_modalities={"image": 1e6, "video": -1e6})
+    gated.save_pretrained(tmp_path / "gated")
+    hf_gated = Guardrail(hf.model, hf.processor, gated)
+    guarded.set_rollout({"stable": str(tmp_path / "gated")})
+    try:
+        outputs = _run(guarded, hf, ["enforce"] * len(CONVERSATIONS))
+    finally:
+        guarded.set_rollout({"stable": str(organism.POLICY_DIR)})
+    assert guarded.policy.version == hf.policy.version
+    for (name, conversation, mods), out in zip(CONVERSATIONS, outputs, strict=True):
+        ref = hf_gated.generate(conversation, max_new_tokens=MAX_TOKENS, do_sample=False)
+        assert out.decision.policy_version == "9.0.0"
+        assert out.decision.intervened == ref.intervened, name
+        if mods == ["image"]:
+            assert ref.intervened is False
+        elif mods == ["video"]:
+            assert ref.intervened is True
+        else:
+            assert out.decision.intervened == references[(name, "enforce")]["intervened"]
+            assert _ids(out, hf) == references[(name, "enforce")]["ids"], name
 
 
 def test_each_request_gets_its_decision_record(guarded, hf):
