@@ -172,6 +172,8 @@ def _job(policy: str, name: str, split: str, limit: int) -> tuple[str, str, list
     bundle = None
     if policy != "unguarded":
         path = SHIPPED if policy == "baseline" else Path(_STATE["work"]) / policy
+        if policy not in OPTIONS:  # a bundle directory, e.g. policies/organism/1.1.0
+            path = Path(policy)
         bundle = PolicyBundle.from_pretrained(path, adapter=guard.adapter)
     renderer = default_renderer("organism", templates=family)
     convs = []
@@ -255,7 +257,8 @@ def main() -> int:
                      help="the recipe's lam/kappa grid, or the shipped policy's lam and kappa only")
     mea = sub.add_parser("measure")
     mea.add_argument("--split", choices=sorted(FAMILIES), default="val")
-    mea.add_argument("--policies", default=",".join(OPTIONS))
+    mea.add_argument("--policies", default=",".join(OPTIONS),
+                     help="options calibrated under --work, or bundle directories")
     mea.add_argument("--limit", type=int, default=48, help="prompts per set, evenly spread")
     mea.add_argument("--out")
     for p in (cal, mea):
@@ -263,9 +266,11 @@ def main() -> int:
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    unknown = set(getattr(args, "options", getattr(args, "policies", "")).split(",")) - set(OPTIONS)
+    asked = getattr(args, "options", getattr(args, "policies", "")).split(",")
+    unknown = {a for a in asked if a not in OPTIONS and not (args.phase == "measure" and Path(a).is_dir())}
     if unknown:
-        parser.error(f"unknown options {sorted(unknown)}; use {', '.join(OPTIONS)}")
+        parser.error(f"unknown options {sorted(unknown)}; use {', '.join(OPTIONS)} (measure: "
+                     "or a bundle directory)")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     (cmd_calibrate if args.phase == "calibrate" else cmd_measure)(args)
     return 0
