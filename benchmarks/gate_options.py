@@ -14,16 +14,23 @@ on the validation and test splits, the residual stream entering each layer at ``
 ``analyze`` builds each option from the train and validation sets only (the
 method's data: text-only harmful prompts, harmless prompts, neutral and drawn
 harmless media; never unsafe media) and prints how often its gate opens on the
-measured sets of one split. Options:
+measured sets of one split, the separation (AUROC) of the score on them, and the
+gate trade-off per modality. Options (``OPTIONS``):
 
 - ``shipped``: the recipe as released (``policies/organism/1.0.0``): offsets from
-  neutral media, one gate at the 95th percentile of every benign validation set.
-- ``per-modality``: the same offsets; each modality gets its own gate from its own
-  benign sets (text: harmless; image: neutral + drawn image; video: neutral + drawn video).
-- ``+drawn-offset``: offsets averaged over neutral and drawn harmless media.
-- ``+alarming``: the alarming set's safe train prompts join the harmless text mean
-  and its validation prompts (as text, and drawn as images) join the gate's sets.
-- ``two-layer``: the score averaged over the chosen layer and a second one.
+  neutral media, one gate, the highest 95th percentile of the benign validation sets
+  (harmless text, harmless text beside neutral images, beside neutral videos);
+- ``per-modality``: the same statistics, each modality gated by its own benign sets;
+  ``+drawn-gate`` adds the harmless prompts drawn as media (calibration layouts) to
+  the image and video gates, ``+alarming-gate`` the alarming set's safe validation
+  prompts (as text, and drawn as images);
+- ``contrast``: the direction also from the alarming set's matched train pairs (its
+  unsafe sides among the harmful prompts, its safe sides among the harmless ones,
+  drawn beside neutral media too, as ``calibrate()`` does with them);
+- ``two-layer`` / ``layer N``: the score averaged over two layers, or another layer.
+
+The recomputed ``shipped`` statistics are checked against ``policies/organism/1.0.0``,
+and ``contrast`` against ``policies/organism/1.1.0`` (its calibration).
 
     python benchmarks/gate_options.py collect --work DIR [--workers 2]
     python benchmarks/gate_options.py analyze --work DIR --split val
@@ -46,6 +53,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 LAYERS = (12, 14, 16, 18, 20, 22)
 SHIPPED = ROOT / "policies" / "organism" / "1.0.0"
+
+
+class _Tail:
+    """The items of a calibration set from ``start`` on (each drawn as in the whole set)."""
+
+    def __init__(self, whole: Any, start: int):
+        self.whole, self.start, self.modality = whole, start, whole.modality
+
+    def __len__(self) -> int:
+        return len(self.whole) - self.start
+
+    def __iter__(self) -> Any:
+        return (self.whole.conversation(i) for i in range(self.start, len(self.whole)))
 
 
 def _calibration_sets() -> dict[str, Any]:
@@ -82,6 +102,9 @@ def _calibration_sets() -> dict[str, Any]:
         )
         for m in ("image", "video"):
             sets[f"{split}/{m}"] = _Set(m, s, modality=m, media=media, split=split)
+            if split == "train":  # calibrate(harmless=harmless + safe) draws these too
+                both = _Set(m, s + a, modality=m, media=media, split=split)
+                sets[f"train/alarming {m}"] = _Tail(both, len(s))
             sets[f"{split}/{m}+drawn"] = _Set(m, s, modality=m, split=split, renderer=drawn)
     return sets
 
@@ -184,10 +207,8 @@ def _stats(
     p_s = float(mu_s @ u)
     g = float(mu_h @ u) - p_s
     deltas = {}
-    for m, names in offsets.items():
-        # the offset averaged over sets: each set's mean offset, then their mean
-        parts = [acts[n][layer].double().mean(0) - mu_s for n in names]
-        deltas[m] = sum(parts) / len(parts)
+    for m, names in offsets.items():  # the modality's mean over its pooled sets
+        deltas[m] = mean(names) - mu_s
     return u, p_s, g, deltas
 
 
@@ -237,7 +258,12 @@ class Option:
         harmless = ["train/harmless"] + (
             ["train/alarming"] if opt.get("contrast") or opt.get("alarming_mean") else []
         )
-        offsets = {m: [f"train/{m}"] for m in ("image", "video")}
+        # with the safe prompts among the harmless ones, calibrate() draws them beside
+        # neutral media too: each offset is then the mean over both, minus mu_S
+        offsets = {
+            m: [f"train/{m}"] + ([f"train/alarming {m}"] if opt.get("contrast") else [])
+            for m in ("image", "video")
+        }
         self.stats = {layer: _stats(acts, layer, harmful, harmless, offsets) for layer in self.layers}
         gate_sets = {
             "text": ["val/harmless"] + (["val/alarming"] if opt.get("alarming") else []),
@@ -281,6 +307,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     u, p_s, g, _ = check.stats[18]  # the recomputed statistics are the shipped bundle's
     assert float(u @ shipped.u.double()) > 0.99999, "recomputed direction differs from 1.0.0"
     assert abs(g - shipped.g) < 1e-3 * shipped.g, (g, shipped.g)
+    calibrated = ROOT / "policies" / "organism" / "1.1.0"
+    if calibrated.exists():  # contrast, as calibrate() built it
+        built = PolicyBundle.from_pretrained(calibrated)
+        o = Option(acts, OPTIONS["contrast"])
+        u, p_s, g, deltas = o.stats[18]
+        assert float(u @ built.u.double()) > 0.99999, "contrast direction differs from 1.1.0"
+        assert abs(o.tau["text"] - built.parameters.tau) < 1e-3, (o.tau, built.parameters.tau)
+        for m in ("image", "video"):
+            assert torch.allclose(deltas[m].float(), built.delta(m), atol=1e-3), m
     split = args.split
     measured = [n for n in acts if n.startswith(f"measure-{split}/")]
     names = sorted((n.split("/", 1)[1] for n in measured), key=lambda n: (_modality(n), n))
