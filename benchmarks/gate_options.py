@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 LAYERS = (12, 14, 16, 18, 20, 22)
+WINDOWS = (2, 4, 8)  # collect --windows: scoring windows (score_positions) at layer 18
+WINDOW_LAYERS = (18,)
 SHIPPED = ROOT / "policies" / "organism" / "1.0.0"
 
 
@@ -133,11 +135,11 @@ def all_sets() -> dict[str, Any]:
     return {**_calibration_sets(), **_measure_sets()}
 
 
-def _collect(names: list[str], threads: int) -> dict[str, Any]:
+def _collect(names: list[str], threads: int, windows: bool = False) -> dict[str, Any]:
     import torch
 
     from guardrail.adapters import ModelAdapter
-    from guardrail.calibration.calibrate import collect_examples
+    from guardrail.calibration.calibrate import collect_examples, collect_window_examples
     from guardrail.models.loading import load_model
 
     torch.set_num_threads(threads)
@@ -147,8 +149,13 @@ def _collect(names: list[str], threads: int) -> dict[str, Any]:
     out = {}
     for name in names:
         started = time.perf_counter()
-        acts = collect_examples(adapter, sets[name], list(LAYERS), batch_size=8)
-        out[name] = {layer: a.float() for layer, a in acts.items()}
+        if windows:  # keys (layer, k): the mean of the last k prompt positions
+            acts = collect_window_examples(
+                adapter, sets[name], list(WINDOW_LAYERS), WINDOWS, batch_size=8
+            )
+        else:
+            acts = collect_examples(adapter, sets[name], list(LAYERS), batch_size=8)
+        out[name] = {key: a.float() for key, a in acts.items()}
         print(f"  {name}: {len(sets[name])} in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
     return out
@@ -158,7 +165,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     import torch
 
     sets = all_sets()
-    path = Path(args.work) / "activations.pt"
+    path = Path(args.work) / ("activations-windows.pt" if args.windows else "activations.pt")
     acts: dict[str, Any] = {}
     if path.exists():  # add the sets not collected yet
         acts = torch.load(path)["acts"]
@@ -173,7 +180,9 @@ def cmd_collect(args: argparse.Namespace) -> None:
         load[i] += cost[name]
     shares = [share for share in shares if share]
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        for part in pool.map(_collect, shares, [args.threads] * len(shares)):
+        for part in pool.map(
+            _collect, shares, [args.threads] * len(shares), [args.windows] * len(shares)
+        ):
             acts.update(part)
     torch.save({"layers": LAYERS, "acts": acts}, path)
     print(f"{path}: {len(acts)} sets ({time.perf_counter() - STARTED:.0f} s)")
@@ -302,6 +311,16 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from guardrail.calibration.metrics import auroc, quantile
 
     acts = torch.load(Path(args.work) / "activations.pt")["acts"]
+    windowed = Path(args.work) / "activations-windows.pt"
+    options = dict(OPTIONS)
+    if windowed.exists():  # keys (layer, k) beside the t* ones
+        for name, keyed in torch.load(windowed)["acts"].items():
+            acts.setdefault(name, {}).update(keyed)
+        for k in WINDOWS:
+            for layer in WINDOW_LAYERS:
+                options[f"window {k} (layer {layer})"] = {"layers": ((layer, k),)}
+                options[f"contrast window {k} (layer {layer})"] = {
+                    "contrast": True, "layers": ((layer, k),)}
     shipped = PolicyBundle.from_pretrained(SHIPPED)
     check = Option(acts, {})
     u, p_s, g, _ = check.stats[18]  # the recomputed statistics are the shipped bundle's
@@ -317,13 +336,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         for m in ("image", "video"):
             assert torch.allclose(deltas[m].float(), built.delta(m), atol=1e-3), m
     split = args.split
-    measured = [n for n in acts if n.startswith(f"measure-{split}/")]
+    measured = [n for n in acts if n.startswith(f"measure-{split}/") and 18 in acts[n]]
     names = sorted((n.split("/", 1)[1] for n in measured), key=lambda n: (_modality(n), n))
     print(f"Gate-opening rate (%) on the {split} split, 48 prompts per set; each option's "
           "statistics and gates from the calibration train/val sets only\n")
     print("| option | tau text/image/video | " + " | ".join(names) + " |")
     print("|---|---|" + "---:|" * len(names))
-    for label, opt in OPTIONS.items():
+    for label, opt in options.items():
         o = Option(acts, opt)
         t = o.tau
         print(f"| {label} | {t['text']:.3f}/{t['image']:.3f}/{t['video']:.3f} | "
@@ -339,7 +358,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
              ("video", f"harmful video ({fam})", "benign video")]
     print("| option | " + " | ".join(f"{a} vs {b}" for _, a, b in pairs) + " |")
     print("|---|" + "---:|" * len(pairs))
-    for label, opt in OPTIONS.items():
+    for label, opt in options.items():
         o = Option(acts, opt)
         cells = [auroc(o.scores(f"measure-{split}/{a}"), o.scores(f"measure-{split}/{b}"))
                  for _, a, b in pairs]
@@ -369,6 +388,8 @@ def main() -> int:
     col = sub.add_parser("collect")
     col.add_argument("--workers", type=int, default=2)
     col.add_argument("--threads", type=int, default=1)
+    col.add_argument("--windows", action="store_true",
+                     help=f"collect scoring windows {WINDOWS} at layers {WINDOW_LAYERS}")
     ana = sub.add_parser("analyze")
     ana.add_argument("--split", choices=("val", "test"), default="val")
     for p in (col, ana):
