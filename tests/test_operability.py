@@ -153,6 +153,37 @@ def test_policy_derive_writes_a_new_recorded_version(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_policy_derive_sets_and_removes_per_modality_gates(tmp_path, capsys):
+    """``--set tau.video=0.3`` gives videos their own gate (``tau_modalities``), merged
+    with the source's gates; ``tau.image=none`` removes one; a modality the bundle
+    format does not know is an error naming the parameter."""
+    model, tok = tiny("llama")
+    src = random_policy(
+        model, tok, layer=1, name="p", version="1.0.0", tau=0.5, tau_modalities={"image": 0.7}
+    )
+    src_path = src.save_pretrained(tmp_path / "1.0.0")
+    base = ["policy", "derive", str(src_path)]
+    out = tmp_path / "1.1.0"
+    args = [*base, "--set", "tau.video=0.3", "--version", "1.1.0", "--out", str(out)]
+    assert main(args) == EXIT_OK
+    from guardrail.policy import PolicyBundle
+
+    derived = PolicyBundle.from_pretrained(out)
+    assert derived.parameters.tau_modalities == {"image": 0.7, "video": 0.3}
+    assert derived.manifest.derived_from["changes"] == {
+        "tau_modalities": [{"image": 0.7}, {"image": 0.7, "video": 0.3}]
+    }
+    out = tmp_path / "1.2.0"
+    args = [*base, "--set", "tau.image=none", "--version", "1.2.0", "--out", str(out)]
+    assert main(args) == EXIT_OK
+    assert PolicyBundle.from_pretrained(out).parameters.tau_modalities == {}
+    capsys.readouterr()
+    args = [*base, "--set", "tau.audio=0.3", "--version", "1.3.0"]
+    assert main([*args, "--out", str(tmp_path / "1.3.0")]) == 1
+    err = capsys.readouterr().err
+    assert "tau_modalities" in err and "Traceback" not in err
+
+
 def torch_equal(a, b) -> bool:
     import torch
 

@@ -119,7 +119,20 @@ def cmd_policy_derive(args: argparse.Namespace) -> int:
     from guardrail.policy import PolicyBundle
 
     source = PolicyBundle.from_pretrained(args.src)
-    derived = source.derive(args.version, description=args.description, **dict(args.set))
+    changes: dict[str, Any] = {}
+    gates: dict[str, Any] = {str(m): v for m, v in source.parameters.tau_modalities.items()}
+    for name, value in args.set:
+        modality = name.partition("tau.")[2] if name.startswith("tau.") else None
+        if modality is None:
+            changes[name] = value
+            continue
+        # tau.image=0.6 sets the image gate; tau.image=none removes it (back to tau)
+        if value is None:
+            gates.pop(modality, None)
+        else:
+            gates[modality] = value
+        changes["tau_modalities"] = gates
+    derived = source.derive(args.version, description=args.description, **changes)
     path = derived.save_pretrained(args.out)
     record = derived.manifest.derived_from or {}
     if args.json:
@@ -209,7 +222,8 @@ def add_parser(sub: Any) -> None:
         type=_setting,
         required=True,
         metavar="NAME=VALUE",
-        help="a steering parameter to change, e.g. tau=0.45 (repeatable)",
+        help="a steering parameter to change, e.g. tau=0.45, or a modality's own gate, "
+        "e.g. tau.image=0.6 (tau.image=none removes it) (repeatable)",
     )
     p.add_argument("--version", required=True, help="the new version, e.g. 1.1.0")
     p.add_argument("--out", required=True, help="directory to write the new bundle to")

@@ -408,8 +408,10 @@ class PolicyBundle:
                 "are immutable); pass e.g. version='1.1.0'"
             )
         changed = self.with_parameters(**parameters).parameters
-        old, new = self.parameters.model_dump(), changed.model_dump()
-        changes = {k: [old.get(k), new[k]] for k in new if old.get(k) != new[k]}
+        # every field, defaults included (the dump leaves some out), so that going back
+        # to a default (e.g. removing the per-modality gates) is a change too
+        old, new = dict(self.parameters), dict(changed)
+        changes = {k: [old[k], new[k]] for k in new if old[k] != new[k]}
         if not changes:
             raise InputError(
                 f"policy {self.ref}: nothing to derive, the parameters are unchanged; pass "
