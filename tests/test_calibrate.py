@@ -330,11 +330,9 @@ def test_candidate_layers_leave_out_the_last_fifth():
         candidate_layers(2, (0.6, 0.7))
 
 
-def test_drawn_harmless_prompts_average_into_the_offset_and_join_the_gate():
-    """calibrate(drawn=...): the harmless train prompts drawn as images are a second
-    harmless image set; the image offset is the mean of the neutral and the drawn
-    set's offsets, and the drawn validation prompts are scored for the gate."""
-    from guardrail.calibration.calibrate import accumulate_means
+def _drawn_setting():
+    """A tiny LLaVA, a typographic renderer of the calibration layouts and small
+    harmful / harmless sets (12 train, 8 validation prompts each)."""
     from guardrail.calibration.typography import TypographicRenderer
     from guardrail.evaluation.rendering import PhrasedRenderer
 
@@ -342,7 +340,16 @@ def test_drawn_harmless_prompts_average_into_the_offset_and_join_the_gate():
     drawn = PhrasedRenderer(
         TypographicRenderer(size=(32, 32), font_size=6), templates="calibration"
     )
-    harmful, harmless = _subset("harmful", 12, 8), _subset("harmless", 12, 8)
+    return model, processor, drawn, _subset("harmful", 12, 8), _subset("harmless", 12, 8)
+
+
+def test_drawn_harmless_prompts_average_into_the_offset_and_join_the_gate():
+    """calibrate(drawn=...): the harmless train prompts drawn as images are a second
+    harmless image set; the image offset is the mean of the neutral and the drawn
+    set's offsets, and the drawn validation prompts are scored for the gate."""
+    from guardrail.calibration.calibrate import accumulate_means
+
+    model, processor, drawn, harmful, harmless = _drawn_setting()
     common = dict(
         layers=[1],
         targets=SMALL,
@@ -378,14 +385,8 @@ def test_per_modality_gates_come_from_each_modality_s_benign_sets(tmp_path):
     import dataclasses
 
     from guardrail.calibration.metrics import quantile
-    from guardrail.calibration.typography import TypographicRenderer
-    from guardrail.evaluation.rendering import PhrasedRenderer
 
-    model, processor = tiny("llava")
-    drawn = PhrasedRenderer(
-        TypographicRenderer(size=(32, 32), font_size=6), templates="calibration"
-    )
-    harmful, harmless = _subset("harmful", 12, 8), _subset("harmless", 12, 8)
+    model, processor, drawn, harmful, harmless = _drawn_setting()
     common = dict(
         layers=[1],
         media=NeutralMedia(seed=3, image_size=(32, 32)),
