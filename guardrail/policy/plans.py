@@ -75,6 +75,17 @@ def recentring_offset(
     return delta
 
 
+def row_gates(
+    policy: PolicyBundle, modalities: Sequence[Iterable[str]], device: torch.device
+) -> torch.Tensor:
+    """Each row's gate (``SteeringParameters.gate`` of its modalities), ``[n]`` float32.
+
+    The vLLM worker builds its rows with this function too.
+    """
+    gates = [policy.parameters.gate(m) for m in modalities]
+    return torch.tensor(gates, dtype=torch.float32, device=device)
+
+
 def build_plans(
     policies: Sequence[PolicyBundle | None],
     convs: Sequence[Conversation],
@@ -121,11 +132,7 @@ def build_plans(
                 p_S=t["p_S"].expand(n),
                 g=t["g"].expand(n),
                 delta=torch.stack(deltas),
-                tau=torch.tensor(
-                    [params.gate(convs[row].modalities) for row in rows],
-                    dtype=torch.float32,
-                    device=device,
-                ),
+                tau=row_gates(policy, [convs[row].modalities for row in rows], device),
                 lam=per_row(params.lam),
                 kappa=per_row(params.kappa),
                 eta=per_row(params.eta),

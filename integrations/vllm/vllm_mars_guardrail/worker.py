@@ -32,7 +32,7 @@ from safetensors.torch import load as load_safetensors
 from guardrail.adapters import adapter_spec, resolve_path
 from guardrail.errors import PolicyCompatibilityError, SteeringError
 from guardrail.policy.bundle import PolicyBundle, parse_manifest
-from guardrail.policy.plans import recentring_offset
+from guardrail.policy.plans import recentring_offset, row_gates
 from vllm_mars_guardrail import op
 from vllm_mars_guardrail.patch import CONFIG_KEY, install, patched_classes
 
@@ -149,11 +149,7 @@ class _Guard:
                 p_S=t["p_S"].expand(k),
                 g=t["g"].expand(k),
                 delta=torch.stack(deltas),
-                tau=torch.tensor(
-                    [params.gate(s.get("modalities", [])) for _, _, s in members],
-                    dtype=torch.float32,
-                    device=device,
-                ),
+                tau=row_gates(bundle, [s.get("modalities", []) for _, _, s in members], device),
                 lam=full(params.lam),
                 kappa=full(params.kappa),
                 eta=full(params.eta),
